@@ -1,0 +1,46 @@
+// Causal attention over a paged K/V cache, for prefill (many new rows per sequence) and
+// decode (one new row per sequence) alike: each new row attends to every cached position up to
+// and including its own. K/V of the new rows must already be written into the cache.
+#pragma once
+
+#include <cstdint>
+
+namespace duet::kernels {
+
+// Where one layer's K and V live in a block pool. A block holds, for every layer, K then V, each
+// [n_kv_heads][block_size][head_dim] f32.
+struct PagedKvLayout {
+  float* base = nullptr;         // block 0
+  int64_t block_stride = 0;      // floats per block (all layers)
+  int64_t layer_offset = 0;      // floats from a block's start to this layer's K
+  int32_t block_size = 0;        // tokens per block
+  int32_t n_kv_heads = 0;
+  int32_t head_dim = 0;
+
+  int64_t head_stride() const { return static_cast<int64_t>(block_size) * head_dim; }
+  int64_t v_offset() const { return head_stride() * n_kv_heads; }
+  // K of (position slot within block, kv head) in physical block `block`.
+  float* K(int32_t block, int32_t kv_head, int32_t slot) const {
+    return base + block * block_stride + layer_offset + kv_head * head_stride() +
+           static_cast<int64_t>(slot) * head_dim;
+  }
+  float* V(int32_t block, int32_t kv_head, int32_t slot) const {
+    return K(block, kv_head, slot) + v_offset();
+  }
+};
+
+// One sequence's share of a batch.
+struct AttentionSeq {
+  const int32_t* block_table = nullptr;  // physical block of each logical block
+  int32_t n_past = 0;                    // position of the sequence's first new row
+  int32_t n_new = 0;                     // new rows (1 when decoding)
+  int64_t row_begin = 0;                 // index of its first row in q / out
+};
+
+// q: [rows, n_heads*head_dim] (row stride q_stride floats); out: [rows, n_heads*head_dim]
+// (row stride out_stride). Query head h reads K/V head h / (n_heads / n_kv_heads).
+void PagedAttention(const float* q, int64_t q_stride, const PagedKvLayout& kv,
+                    const AttentionSeq* seqs, int32_t n_seqs, int32_t n_heads, float scale,
+                    float* out, int64_t out_stride);
+
+}  // namespace duet::kernels

@@ -1,0 +1,129 @@
+#include "duet/kernels/linear.h"
+
+#include <omp.h>
+
+#include <dnnl.hpp>
+#include <unordered_map>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+
+namespace duet::kernels {
+namespace {
+
+using dt = dnnl::memory::data_type;
+using tag = dnnl::memory::format_tag;
+
+// One CPU engine and stream for the process; oneDNN objects are cheap handles.
+struct DnnlContext {
+  dnnl::engine engine{dnnl::engine::kind::cpu, 0};
+  dnnl::stream stream{engine};
+};
+DnnlContext& Context() {
+  static DnnlContext ctx;
+  return ctx;
+}
+
+}  // namespace
+
+struct Linear::Impl {
+  int64_t k = 0, n = 0;
+  Precision precision = Precision::kBF16;
+  dnnl::memory::desc weights_desc;  // packed layout, identical for every M
+  dnnl::memory weights;
+  std::vector<float> bias;
+  std::vector<uint16_t> x_bf16;  // scratch: x rounded to bf16
+  struct Cached {
+    dnnl::matmul prim;
+  };
+  std::unordered_map<int64_t, Cached> by_m;
+
+  dt src_type() const { return precision == Precision::kBF16 ? dt::bf16 : dt::f32; }
+
+  dnnl::matmul::primitive_desc MakePd(int64_t m, const dnnl::memory::desc& wdesc) const {
+    dnnl::memory::desc src({m, k}, src_type(), tag::ab);
+    dnnl::memory::desc dst({m, n}, dt::f32, tag::ab);
+    return dnnl::matmul::primitive_desc(dnnl::matmul::desc(src, wdesc, dst), Context().engine);
+  }
+
+  dnnl::matmul& Get(int64_t m) {
+    auto it = by_m.find(m);
+    if (it == by_m.end()) it = by_m.emplace(m, Cached{dnnl::matmul(MakePd(m, weights_desc))}).first;
+    return it->second.prim;
+  }
+};
+
+Linear::Linear(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Linear::~Linear() = default;
+int64_t Linear::k() const { return impl_->k; }
+int64_t Linear::n() const { return impl_->n; }
+size_t Linear::weight_bytes() const { return impl_->weights_desc.get_size(); }
+
+absl::StatusOr<std::unique_ptr<Linear>> Linear::Create(int64_t k, int64_t n, const float* weights,
+                                                       WeightLayout layout, const float* bias,
+                                                       Precision precision) {
+  if (k <= 0 || n <= 0 || weights == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat("Linear: bad shape k=", k, " n=", n));
+  }
+  auto impl = std::make_unique<Impl>();
+  impl->k = k;
+  impl->n = n;
+  impl->precision = precision;
+  try {
+    auto& ctx = Context();
+    // Let oneDNN choose the packed layout once (for a prefill-sized M), then force that same
+    // layout for every M so one copy of the weights serves prefill and decode.
+    dnnl::memory::desc any({k, n}, impl->src_type(), tag::any);
+    impl->weights_desc = impl->MakePd(128, any).weights_desc();
+    impl->weights = dnnl::memory(impl->weights_desc, ctx.engine);
+    dnnl::memory::desc user_desc({k, n}, dt::f32, layout == WeightLayout::kKN ? tag::ab : tag::ba);
+    dnnl::memory user(user_desc, ctx.engine, const_cast<float*>(weights));
+    dnnl::reorder(user, impl->weights).execute(ctx.stream, user, impl->weights);
+    ctx.stream.wait();
+    // Build the decode-sized primitives now so the first request does not pay for them.
+    impl->Get(1);
+  } catch (const dnnl::error& e) {
+    return absl::InternalError(absl::StrCat("oneDNN matmul k=", k, " n=", n, ": ", e.what()));
+  }
+  if (bias != nullptr) impl->bias.assign(bias, bias + n);
+  return std::unique_ptr<Linear>(new Linear(std::move(impl)));
+}
+
+absl::Status Linear::Forward(const float* x, int64_t m, float* y) {
+  Impl& im = *impl_;
+  if (m <= 0) return absl::InvalidArgumentError(absl::StrCat("Linear: m=", m));
+  try {
+    auto& ctx = Context();
+    dnnl::matmul& prim = im.Get(m);
+    dnnl::memory::desc src_desc({m, im.k}, im.src_type(), tag::ab);
+    dnnl::memory::desc dst_desc({m, im.n}, dt::f32, tag::ab);
+    void* src_ptr = const_cast<float*>(x);
+    if (im.precision == Precision::kBF16) {
+      const size_t count = static_cast<size_t>(m * im.k);
+      if (im.x_bf16.size() < count) im.x_bf16.resize(count);
+      uint16_t* xb = im.x_bf16.data();
+#pragma omp parallel for schedule(static) if (count > 65536)
+      for (size_t i = 0; i < count; ++i) xb[i] = F32ToBf16(x[i]);
+      src_ptr = xb;
+    }
+    dnnl::memory src(src_desc, ctx.engine, src_ptr);
+    dnnl::memory dst(dst_desc, ctx.engine, y);
+    prim.execute(ctx.stream,
+                 {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, im.weights}, {DNNL_ARG_DST, dst}});
+    ctx.stream.wait();
+  } catch (const dnnl::error& e) {
+    return absl::InternalError(absl::StrCat("oneDNN matmul m=", m, ": ", e.what()));
+  }
+  if (!im.bias.empty()) {
+    const int64_t n = im.n;
+    const float* b = im.bias.data();
+#pragma omp parallel for schedule(static) if (m * n > 65536)
+    for (int64_t i = 0; i < m; ++i) {
+      float* row = y + i * n;
+      for (int64_t j = 0; j < n; ++j) row[j] += b[j];
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace duet::kernels

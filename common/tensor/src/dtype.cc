@@ -1,0 +1,106 @@
+#include "duet/tensor/dtype.h"
+
+namespace duet {
+
+size_t DTypeSize(DType dtype) {
+  switch (dtype) {
+    case DType::kF32:
+      return 4;
+    case DType::kF16:
+    case DType::kBF16:
+      return 2;
+  }
+  return 0;
+}
+
+std::string_view DTypeName(DType dtype) {
+  switch (dtype) {
+    case DType::kF32:
+      return "f32";
+    case DType::kF16:
+      return "f16";
+    case DType::kBF16:
+      return "bf16";
+  }
+  return "?";
+}
+
+float F16ToF32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t mant = h & 0x3ffu;
+  uint32_t u;
+  if (exp == 0) {
+    if (mant == 0) {
+      u = sign;
+    } else {  // subnormal: normalise
+      exp = 127 - 15 + 1;
+      while ((mant & 0x400u) == 0) {
+        mant <<= 1;
+        --exp;
+      }
+      mant &= 0x3ffu;
+      u = sign | (exp << 23) | (mant << 13);
+    }
+  } else if (exp == 0x1f) {
+    u = sign | 0x7f800000u | (mant << 13);
+  } else {
+    u = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+uint16_t F32ToF16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t abs = u & 0x7fffffffu;
+  if (abs > 0x7f800000u) return sign | 0x7e00u;     // NaN
+  if (abs >= 0x47800000u) return sign | 0x7c00u;    // overflow to inf (>= 65536)
+  if (abs < 0x33000000u) return sign;               // underflow to zero
+  int exp = static_cast<int>(abs >> 23) - 127 + 15;
+  uint32_t mant = (abs & 0x7fffffu) | 0x800000u;
+  uint32_t shift = 13;
+  if (exp <= 0) {  // subnormal half
+    shift = static_cast<uint32_t>(14 - exp);
+    exp = 0;
+  }
+  uint32_t half_mant = mant >> shift;
+  const uint32_t rem = mant & ((1u << shift) - 1);
+  const uint32_t halfway = 1u << (shift - 1);
+  if (rem > halfway || (rem == halfway && (half_mant & 1u))) ++half_mant;
+  uint32_t out;
+  if (exp == 0) {
+    out = half_mant;  // may carry into the exponent, which is correct
+  } else {
+    // half_mant holds the implicit bit (0x400); a rounding carry correctly bumps the exponent.
+    out = (static_cast<uint32_t>(exp) << 10) + half_mant - 0x400u;
+  }
+  return static_cast<uint16_t>(sign | out);
+}
+
+void ConvertToF32(DType src_dtype, const void* src, float* dst, size_t n) {
+  switch (src_dtype) {
+    case DType::kF32:
+      std::memcpy(dst, src, n * 4);
+      return;
+    case DType::kBF16: {
+      const auto* s = static_cast<const uint16_t*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = Bf16ToF32(s[i]);
+      return;
+    }
+    case DType::kF16: {
+      const auto* s = static_cast<const uint16_t*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = F16ToF32(s[i]);
+      return;
+    }
+  }
+}
+
+void ConvertF32ToBf16(const float* src, uint16_t* dst, size_t n) {
+  for (size_t i = 0; i < n; ++i) dst[i] = F32ToBf16(src[i]);
+}
+
+}  // namespace duet

@@ -1,0 +1,94 @@
+#include "duet/kernels/ops.h"
+
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <vector>
+
+#include "duet/kernels/attention.h"
+#include "duet/tensor/dtype.h"
+
+namespace k = duet::kernels;
+
+TEST_CASE("bf16 and f16 conversions round to nearest even", "[dtype]") {
+  REQUIRE(duet::Bf16ToF32(duet::F32ToBf16(1.0f)) == 1.0f);
+  // 1 + 2^-8 is a tie between 1 and 1 + 2^-7 in bf16: rounds to even (1).
+  REQUIRE(duet::Bf16ToF32(duet::F32ToBf16(1.0f + std::ldexp(1.f, -8))) == 1.0f);
+  REQUIRE(duet::Bf16ToF32(duet::F32ToBf16(1.0f + 3 * std::ldexp(1.f, -8))) ==
+          1.0f + std::ldexp(1.f, -6));
+  for (float f : {0.f, 1.f, -2.5f, 65504.f, 6.1035156e-05f, 5.9604645e-08f, 0.333251953125f}) {
+    REQUIRE(duet::F16ToF32(duet::F32ToF16(f)) == f);
+  }
+  REQUIRE(duet::F32ToF16(1.0f) == 0x3c00);
+  REQUIRE(duet::F32ToF16(-2.0f) == 0xc000);
+  REQUIRE(duet::F16ToF32(0x7bff) == 65504.f);
+  REQUIRE(std::isinf(duet::F16ToF32(duet::F32ToF16(1e6f))));
+}
+
+TEST_CASE("RmsNorm and LayerNorm match their definitions", "[ops]") {
+  std::vector<float> x = {1, 2, 3, 4, -1, 0, 1, 2}, w = {1, 2, 1, 0.5}, b = {0, 1, 0, -1};
+  std::vector<float> y(8);
+  k::RmsNorm(x.data(), w.data(), 2, 4, 1e-6f, y.data());
+  const float r0 = 1.f / std::sqrt((1 + 4 + 9 + 16) / 4.f + 1e-6f);
+  REQUIRE(y[1] == Approx(2 * r0 * 2));
+  k::LayerNorm(x.data(), w.data(), b.data(), 2, 4, 1e-5f, y.data());
+  // row 1: mean 0.5, var 1.25
+  REQUIRE(y[4] == Approx((-1 - 0.5f) / std::sqrt(1.25f + 1e-5f) * 1 + 0));
+  REQUIRE(y[7] == Approx((2 - 0.5f) / std::sqrt(1.25f + 1e-5f) * 0.5f - 1));
+}
+
+TEST_CASE("Rope rotates pairs (i, i + d/2) by position * inv_freq", "[ops]") {
+  std::vector<float> x = {1, 0, 0, 1};  // one head, d = 4
+  std::vector<float> inv = {1.0f, 0.5f};
+  int32_t pos = 2;
+  k::Rope(x.data(), 1, 4, 1, 4, &pos, inv.data());
+  // pair (0,2): (1,0) rotated by 2 rad; pair (1,3): (0,1) rotated by 1 rad.
+  REQUIRE(x[0] == Approx(std::cos(2.f)));
+  REQUIRE(x[2] == Approx(std::sin(2.f)));
+  REQUIRE(x[1] == Approx(-std::sin(1.f)));
+  REQUIRE(x[3] == Approx(std::cos(1.f)));
+}
+
+TEST_CASE("PagedAttention equals dense causal attention across scattered blocks", "[attention]") {
+  // 1 sequence, 5 positions, block size 2, blocks scattered as 3,0,2; 2 query heads share 1 kv head.
+  const int32_t bs = 2, d = 4, n_blocks = 4, T = 5;
+  std::vector<float> pool(n_blocks * 2 * bs * d);
+  k::PagedKvLayout kv;
+  kv.base = pool.data();
+  kv.block_stride = 2 * bs * d;
+  kv.layer_offset = 0;
+  kv.block_size = bs;
+  kv.n_kv_heads = 1;
+  kv.head_dim = d;
+  const int32_t table[] = {3, 0, 2};
+  std::vector<float> K(T * d), V(T * d), Q(T * 2 * d);
+  for (int i = 0; i < T * d; ++i) {
+    K[i] = std::sin(0.3f * i);
+    V[i] = std::cos(0.7f * i);
+  }
+  for (int i = 0; i < T * 2 * d; ++i) Q[i] = std::sin(1.1f * i + 0.5f);
+  for (int p = 0; p < T; ++p)
+    for (int t = 0; t < d; ++t) {
+      kv.K(table[p / bs], 0, p % bs)[t] = K[p * d + t];
+      kv.V(table[p / bs], 0, p % bs)[t] = V[p * d + t];
+    }
+  k::AttentionSeq seq{table, 0, T, 0};
+  std::vector<float> out(T * 2 * d);
+  k::PagedAttention(Q.data(), 2 * d, kv, &seq, 1, 2, 0.5f, out.data(), 2 * d);
+  for (int p = 0; p < T; ++p)
+    for (int h = 0; h < 2; ++h) {
+      std::vector<double> s(p + 1);
+      double mx = -1e30, sum = 0;
+      for (int j = 0; j <= p; ++j) {
+        double dot = 0;
+        for (int t = 0; t < d; ++t) dot += Q[p * 2 * d + h * d + t] * K[j * d + t];
+        s[j] = dot * 0.5;
+        mx = std::max(mx, s[j]);
+      }
+      for (auto& v : s) sum += (v = std::exp(v - mx));
+      for (int t = 0; t < d; ++t) {
+        double o = 0;
+        for (int j = 0; j <= p; ++j) o += s[j] / sum * V[j * d + t];
+        REQUIRE(out[p * 2 * d + h * d + t] == Approx(o).margin(1e-5));
+      }
+    }
+}

@@ -1,0 +1,79 @@
+#include "duet/kv/block_pool.h"
+
+#include <catch2/catch.hpp>
+#include <set>
+
+using duet::kv::BlockPool;
+using duet::kv::KvShape;
+using duet::kv::SequenceKv;
+
+namespace {
+std::unique_ptr<BlockPool> SmallPool(int32_t n_blocks) {
+  KvShape shape{2, 1, 4, 4};  // 2 layers, 1 kv head, head_dim 4, block size 4
+  auto pool = BlockPool::Create(shape, n_blocks);
+  REQUIRE(pool.ok());
+  return std::move(*pool);
+}
+}  // namespace
+
+TEST_CASE("allocation is all or nothing", "[kv]") {
+  auto pool = SmallPool(3);
+  auto a = pool->Allocate(2);
+  REQUIRE(a.ok());
+  REQUIRE(pool->n_free() == 1);
+  auto b = pool->Allocate(2);
+  REQUIRE(b.status().code() == absl::StatusCode::kResourceExhausted);
+  REQUIRE(b.status().message().find("need 2 blocks, 1 free") != std::string::npos);
+  REQUIRE(pool->n_free() == 1);
+  pool->Free(*a);
+  REQUIRE(pool->n_free() == 3);
+}
+
+TEST_CASE("blocks are distinct and ref-counted", "[kv]") {
+  auto pool = SmallPool(3);
+  auto a = pool->Allocate(3);
+  REQUIRE(a.ok());
+  REQUIRE(std::set<int32_t>(a->begin(), a->end()).size() == 3);
+  pool->Ref((*a)[0]);
+  pool->Free(*a);
+  REQUIRE(pool->n_free() == 2);  // block 0 still referenced once
+  pool->Free(std::vector<int32_t>{(*a)[0]});
+  REQUIRE(pool->n_free() == 3);
+  pool->Free(std::vector<int32_t>{(*a)[0]});  // double free is ignored
+  REQUIRE(pool->n_free() == 3);
+}
+
+TEST_CASE("a sequence lease grows by blocks, fails cleanly and frees on destruction", "[kv]") {
+  auto pool = SmallPool(3);
+  {
+    SequenceKv seq(pool.get());
+    REQUIRE(seq.Reserve(5).ok());  // 2 blocks of 4
+    REQUIRE(seq.blocks().size() == 2);
+    REQUIRE(seq.capacity() == 8);
+    REQUIRE(seq.Reserve(8).ok());  // fits already
+    REQUIRE(pool->n_free() == 1);
+    auto st = seq.Reserve(13);  // needs 2 more, 1 free
+    REQUIRE(st.code() == absl::StatusCode::kResourceExhausted);
+    REQUIRE(seq.blocks().size() == 2);
+    REQUIRE(pool->n_free() == 1);
+    SequenceKv moved = std::move(seq);
+    REQUIRE(moved.blocks().size() == 2);
+    REQUIRE(seq.blocks().empty());
+  }
+  REQUIRE(pool->n_free() == 3);
+}
+
+TEST_CASE("pool creation validates its shape", "[kv]") {
+  KvShape bad{0, 1, 4, 4};
+  REQUIRE(BlockPool::Create(bad, 4).status().code() == absl::StatusCode::kInvalidArgument);
+  KvShape good{1, 1, 4, 4};
+  REQUIRE(BlockPool::Create(good, 0).status().code() == absl::StatusCode::kInvalidArgument);
+}
+
+TEST_CASE("layout addresses K and V of each layer without overlap", "[kv]") {
+  auto pool = SmallPool(2);
+  auto l0 = pool->Layout(0), l1 = pool->Layout(1);
+  REQUIRE(l0.V(0, 0, 0) == l0.K(0, 0, 0) + 16);
+  REQUIRE(l1.K(0, 0, 0) == l0.V(0, 0, 0) + 16);
+  REQUIRE(l0.K(1, 0, 0) == l1.V(0, 0, 0) + 16);
+}

@@ -1,0 +1,222 @@
+// The model against an independent torch reference (tests/data/models/*/golden.json), and the
+// K/V cache invariants: prefill-then-decode equals full recomputation, and a batched decode step
+// equals the same sequences decoded one by one.
+#include "duet/model/model.h"
+
+#include <algorithm>
+#include <catch2/catch.hpp>
+#include <cmath>
+
+#include "golden.h"
+
+using duet::kernels::Precision;
+using duet::kv::BlockPool;
+using duet::kv::SequenceKv;
+using duet::model::BatchItem;
+using duet::model::Model;
+using duet::testing::FixtureModels;
+using duet::testing::LoadGolden;
+using duet::testing::ModelDir;
+
+namespace {
+
+std::unique_ptr<Model> LoadModel(const std::string& name, Precision p) {
+  auto m = Model::Load(ModelDir(name), {p});
+  INFO(name << ": " << m.status().ToString());
+  REQUIRE(m.ok());
+  return std::move(*m);
+}
+
+std::unique_ptr<BlockPool> PoolFor(const Model& m, int32_t block_size = 4, int32_t n = 256) {
+  auto pool = BlockPool::Create(m.kv_shape(block_size), n);
+  REQUIRE(pool.ok());
+  return std::move(*pool);
+}
+
+// All-position logits of one full forward over `tokens`.
+std::vector<float> FullLogits(Model& m, BlockPool& pool, const std::vector<int32_t>& tokens) {
+  SequenceKv kv(&pool);
+  REQUIRE(kv.Reserve(static_cast<int32_t>(tokens.size())).ok());
+  std::vector<float> logits;
+  BatchItem item{tokens, &kv, true};
+  REQUIRE(m.Forward({&item, 1}, &logits).ok());
+  REQUIRE(kv.n_tokens() == static_cast<int32_t>(tokens.size()));
+  return logits;
+}
+
+int32_t Argmax(const float* v, int32_t n) {
+  return static_cast<int32_t>(std::max_element(v, v + n) - v);
+}
+
+}  // namespace
+
+TEST_CASE("f32 logits match the torch reference at every position (|d| <= 1e-3)", "[model]") {
+  for (const auto& name : FixtureModels()) {
+    SECTION(name) {
+      auto m = LoadModel(name, Precision::kF32);
+      auto pool = PoolFor(*m);
+      const auto g = LoadGolden(name);
+      const auto logits = FullLogits(*m, *pool, g.token_ids);
+      const int32_t V = m->config().n_vocab;
+      REQUIRE(logits.size() == g.token_ids.size() * V);
+      double max_diff = 0;
+      for (size_t p = 0; p < g.token_ids.size(); ++p)
+        for (int32_t v = 0; v < V; ++v)
+          max_diff = std::max(max_diff, std::fabs(double{logits[p * V + v]} - g.logits[p][v]));
+      INFO(name << " max |dlogit| = " << max_diff);
+      CHECK(max_diff <= 1e-3);
+    }
+  }
+}
+
+TEST_CASE("bf16 mode picks the reference's top-1 token at >= 99% of positions", "[model]") {
+  int total = 0, agree = 0;
+  for (const auto& name : FixtureModels()) {
+    auto m = LoadModel(name, Precision::kBF16);
+    auto pool = PoolFor(*m);
+    const auto g = LoadGolden(name);
+    const auto logits = FullLogits(*m, *pool, g.token_ids);
+    const int32_t V = m->config().n_vocab;
+    for (size_t p = 0; p < g.token_ids.size(); ++p) {
+      const auto& ref = g.logits[p];
+      ++total;
+      const bool same = Argmax(logits.data() + p * V, V) == Argmax(ref.data(), V);
+      if (!same) WARN(name << ": top-1 differs at position " << p);
+      agree += same;
+    }
+  }
+  INFO(agree << " of " << total << " positions agree");
+  CHECK(agree >= 0.99 * total);
+}
+
+TEST_CASE("greedy decoding through the cache reproduces the reference's greedy tokens",
+          "[model]") {
+  for (const auto& name : FixtureModels()) {
+    SECTION(name) {
+      auto m = LoadModel(name, Precision::kF32);
+      auto pool = PoolFor(*m);
+      const auto g = LoadGolden(name);
+      const int32_t V = m->config().n_vocab;
+      SequenceKv kv(pool.get());
+      REQUIRE(kv.Reserve(static_cast<int32_t>(g.token_ids.size() + g.greedy.size())).ok());
+      std::vector<float> logits;
+      BatchItem prefill{g.token_ids, &kv, false};
+      REQUIRE(m->Forward({&prefill, 1}, &logits).ok());
+      std::vector<int32_t> out;
+      for (size_t i = 0; i < g.greedy.size(); ++i) {
+        const int32_t next = Argmax(logits.data(), V);
+        out.push_back(next);
+        BatchItem step{std::span<const int32_t>(&out.back(), 1), &kv, false};
+        REQUIRE(m->Forward({&step, 1}, &logits).ok());
+      }
+      CHECK(out == g.greedy);
+    }
+  }
+}
+
+TEST_CASE("prefill-then-decode equals full recomputation at every step (f32, 1e-4)",
+          "[model][kv]") {
+  for (const auto& name : {"gpt2-tiny", "llama-tiny-gqa", "qwen2-tiny",
+                           "llama-tiny-tied-llama3rope"}) {
+    SECTION(name) {
+      auto m = LoadModel(name, Precision::kF32);
+      auto pool = PoolFor(*m, 4);
+      const auto g = LoadGolden(name);
+      const int32_t V = m->config().n_vocab;
+      const auto& t = g.token_ids;
+      const size_t n_prompt = 7;
+      SequenceKv kv(pool.get());
+      REQUIRE(kv.Reserve(static_cast<int32_t>(t.size())).ok());
+      std::vector<float> logits;
+      std::vector<int32_t> prompt(t.begin(), t.begin() + n_prompt);
+      BatchItem prefill{prompt, &kv, false};
+      REQUIRE(m->Forward({&prefill, 1}, &logits).ok());
+      for (size_t i = n_prompt; i <= t.size(); ++i) {
+        // Full recomputation over t[0..i) in a fresh cache.
+        std::vector<int32_t> prefix(t.begin(), t.begin() + i);
+        const auto full = FullLogits(*m, *pool, prefix);
+        const float* last = full.data() + (i - 1) * V;
+        double d = 0;
+        for (int32_t v = 0; v < V; ++v) d = std::max(d, double{std::fabs(last[v] - logits[v])});
+        INFO("step with " << i << " tokens: max |d| = " << d);
+        REQUIRE(d <= 1e-4);
+        if (i == t.size()) break;
+        BatchItem step{std::span<const int32_t>(&t[i], 1), &kv, false};
+        REQUIRE(m->Forward({&step, 1}, &logits).ok());
+      }
+    }
+  }
+}
+
+TEST_CASE("a batched decode step equals the same sequences decoded one by one (f32, 1e-4)",
+          "[model][kv]") {
+  for (const auto& name : {"gpt2-tiny", "llama-tiny-gqa", "qwen2-tiny"}) {
+    SECTION(name) {
+      auto m = LoadModel(name, Precision::kF32);
+      auto pool = PoolFor(*m, 4);
+      const auto g = LoadGolden(name);
+      const int32_t V = m->config().n_vocab;
+      // Sequences of different lengths built from the golden tokens.
+      const std::vector<size_t> lengths = {3, 11, 6, 17, 1};
+      std::vector<SequenceKv> batched, single;
+      std::vector<float> logits;
+      for (size_t len : lengths) {
+        std::vector<int32_t> prompt(g.token_ids.begin(), g.token_ids.begin() + len);
+        for (auto* group : {&batched, &single}) {
+          group->emplace_back(pool.get());
+          REQUIRE(group->back().Reserve(static_cast<int32_t>(len + 3)).ok());
+          BatchItem item{prompt, &group->back(), false};
+          REQUIRE(m->Forward({&item, 1}, &logits).ok());
+        }
+      }
+      for (int step = 0; step < 3; ++step) {
+        std::vector<int32_t> next(lengths.size());
+        for (size_t s = 0; s < lengths.size(); ++s) next[s] = g.token_ids[(s * 5 + step) % 20];
+        std::vector<BatchItem> items;
+        for (size_t s = 0; s < lengths.size(); ++s)
+          items.push_back({std::span<const int32_t>(&next[s], 1), &batched[s], false});
+        std::vector<float> batch_logits;
+        REQUIRE(m->Forward(items, &batch_logits).ok());
+        REQUIRE(batch_logits.size() == lengths.size() * V);
+        for (size_t s = 0; s < lengths.size(); ++s) {
+          BatchItem one{std::span<const int32_t>(&next[s], 1), &single[s], false};
+          REQUIRE(m->Forward({&one, 1}, &logits).ok());
+          double d = 0;
+          for (int32_t v = 0; v < V; ++v)
+            d = std::max(d, double{std::fabs(logits[v] - batch_logits[s * V + v])});
+          INFO("sequence " << s << " step " << step << " max |d| = " << d);
+          REQUIRE(d <= 1e-4);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("Forward rejects bad input and leaves the cache untouched", "[model]") {
+  auto m = LoadModel("llama-tiny-gqa", Precision::kF32);
+  auto pool = PoolFor(*m, 4, 8);
+  SequenceKv kv(pool.get());
+  REQUIRE(kv.Reserve(8).ok());
+  std::vector<float> logits;
+  std::vector<int32_t> bad = {1, 2, 500};
+  BatchItem item{bad, &kv, false};
+  auto st = m->Forward({&item, 1}, &logits);
+  REQUIRE(st.code() == absl::StatusCode::kInvalidArgument);
+  REQUIRE(st.message().find("500") != std::string::npos);
+  REQUIRE(kv.n_tokens() == 0);
+  std::vector<int32_t> too_long(9, 3);
+  BatchItem item2{too_long, &kv, false};
+  st = m->Forward({&item2, 1}, &logits);
+  REQUIRE(st.code() == absl::StatusCode::kInvalidArgument);
+  REQUIRE(st.message().find("capacity 8") != std::string::npos);
+  REQUIRE(kv.n_tokens() == 0);
+}
+
+TEST_CASE("the fingerprint is stable per model and differs between models", "[model]") {
+  auto a1 = LoadModel("llama-tiny-gqa", Precision::kF32);
+  auto a2 = LoadModel("llama-tiny-gqa", Precision::kBF16);
+  auto b = LoadModel("qwen2-tiny", Precision::kF32);
+  REQUIRE(a1->fingerprint().size() == 32);
+  REQUIRE(a1->fingerprint() == a2->fingerprint());
+  REQUIRE(a1->fingerprint() != b->fingerprint());
+}
