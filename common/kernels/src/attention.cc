@@ -4,6 +4,8 @@
 #include <cmath>
 #include <vector>
 
+#include "fast_math.h"
+
 namespace duet::kernels {
 
 void PagedAttention(const float* q, int64_t q_stride, const PagedKvLayout& kv,
@@ -37,15 +39,18 @@ void PagedAttention(const float* q, int64_t q_stride, const PagedKvLayout& kv,
       for (int32_t j = 0; j < n_ctx; ++j) {
         const float* k = kv.K(seq.block_table[j / bs], kvh, j % bs);
         float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
         for (int32_t t = 0; t < d; ++t) dot += qh[t] * k[t];
         dot *= scale;
         scores[j] = dot;
         mx = std::max(mx, dot);
       }
       float sum = 0.f;
+      float* sc = scores.data();
+#pragma omp simd reduction(+ : sum)
       for (int32_t j = 0; j < n_ctx; ++j) {
-        scores[j] = std::exp(scores[j] - mx);
-        sum += scores[j];
+        sc[j] = FastExp(sc[j] - mx);
+        sum += sc[j];
       }
       // out = sum_j p_j v_j
       std::fill(acc.begin(), acc.end(), 0.f);

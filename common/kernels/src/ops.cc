@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "fast_math.h"
+
 namespace duet::kernels {
 
 void LayerNorm(const float* x, const float* w, const float* b, int64_t rows, int64_t dim,
@@ -12,9 +14,11 @@ void LayerNorm(const float* x, const float* w, const float* b, int64_t rows, int
     const float* xr = x + r * dim;
     float* yr = y + r * dim;
     float mean = 0.f;
+#pragma omp simd reduction(+ : mean)
     for (int64_t i = 0; i < dim; ++i) mean += xr[i];
     mean /= static_cast<float>(dim);
     float var = 0.f;
+#pragma omp simd reduction(+ : var)
     for (int64_t i = 0; i < dim; ++i) {
       const float d = xr[i] - mean;
       var += d * d;
@@ -31,6 +35,7 @@ void RmsNorm(const float* x, const float* w, int64_t rows, int64_t dim, float ep
     const float* xr = x + r * dim;
     float* yr = y + r * dim;
     float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
     for (int64_t i = 0; i < dim; ++i) ss += xr[i] * xr[i];
     const float inv = 1.f / std::sqrt(ss / static_cast<float>(dim) + eps);
     for (int64_t i = 0; i < dim; ++i) yr[i] = xr[i] * inv * w[i];
@@ -39,10 +44,12 @@ void RmsNorm(const float* x, const float* w, int64_t rows, int64_t dim, float ep
 
 void GeluTanh(float* x, int64_t n) {
   constexpr float kC = 0.7978845608028654f;  // sqrt(2/pi)
-#pragma omp parallel for schedule(static) if (n > 16384)
+#pragma omp parallel for simd schedule(static) if (n > 16384)
   for (int64_t i = 0; i < n; ++i) {
+    // 0.5 v (1 + tanh(u)) = v * sigmoid(2u) = v / (1 + exp(-2u))
     const float v = x[i];
-    x[i] = 0.5f * v * (1.f + std::tanh(kC * (v + 0.044715f * v * v * v)));
+    const float u = kC * (v + 0.044715f * v * v * v);
+    x[i] = v / (1.f + FastExp(-2.f * u));
   }
 }
 
@@ -52,7 +59,8 @@ void SiluMul(const float* gate_up, int64_t rows, int64_t dim, float* out) {
     const float* g = gate_up + r * 2 * dim;
     const float* u = g + dim;
     float* o = out + r * dim;
-    for (int64_t i = 0; i < dim; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+#pragma omp simd
+    for (int64_t i = 0; i < dim; ++i) o[i] = g[i] / (1.f + FastExp(-g[i])) * u[i];
   }
 }
 

@@ -104,6 +104,22 @@ absl::Status SequenceKv::Reserve(int32_t n_tokens) {
   return absl::OkStatus();
 }
 
+absl::Status SequenceKv::ShareFrom(const SequenceKv& src, int32_t n_tokens) {
+  const int32_t bs = pool_->shape().block_size;
+  if (!blocks_.empty() || src.pool_ != pool_ || n_tokens < 0 || n_tokens % bs != 0 ||
+      n_tokens > src.n_tokens_) {
+    return absl::InvalidArgumentError(absl::StrCat("cannot share ", n_tokens, " of ",
+                                                   src.n_tokens_, " tokens (block size ", bs,
+                                                   ") into a lease of ", blocks_.size(), " blocks"));
+  }
+  for (int32_t i = 0; i < n_tokens / bs; ++i) {
+    pool_->Ref(src.blocks_[i]);
+    blocks_.push_back(src.blocks_[i]);
+  }
+  n_tokens_ = n_tokens;
+  return absl::OkStatus();
+}
+
 void SequenceKv::Release() {
   if (!blocks_.empty()) pool_->Free(blocks_);
   blocks_.clear();

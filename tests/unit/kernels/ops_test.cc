@@ -92,3 +92,19 @@ TEST_CASE("PagedAttention equals dense causal attention across scattered blocks"
       }
     }
 }
+
+TEST_CASE("GeluTanh and SiluMul match their closed forms", "[ops]") {
+  std::vector<float> x, ref;
+  for (float v = -12.f; v <= 12.f; v += 0.37f) {
+    x.push_back(v);
+    ref.push_back(0.5f * v * (1.f + std::tanh(0.7978845608f * (v + 0.044715f * v * v * v))));
+  }
+  k::GeluTanh(x.data(), static_cast<int64_t>(x.size()));
+  for (size_t i = 0; i < x.size(); ++i) REQUIRE(x[i] == Approx(ref[i]).epsilon(1e-5).margin(1e-6));
+  std::vector<float> gu = {-30.f, -1.f, 0.f, 2.f, 50.f, 0.5f, 2.f, 3.f, -1.f, 1.f}, out(5);
+  k::SiluMul(gu.data(), 1, 5, out.data());
+  for (int i = 0; i < 5; ++i) {
+    const double g = gu[i], u = gu[5 + i];
+    REQUIRE(out[i] == Approx(g / (1 + std::exp(-g)) * u).epsilon(1e-5).margin(1e-6));
+  }
+}

@@ -77,3 +77,20 @@ TEST_CASE("layout addresses K and V of each layer without overlap", "[kv]") {
   REQUIRE(l1.K(0, 0, 0) == l0.V(0, 0, 0) + 16);
   REQUIRE(l0.K(1, 0, 0) == l1.V(0, 0, 0) + 16);
 }
+
+TEST_CASE("a shared prefix is ref-counted and outlives its first owner", "[kv]") {
+  auto pool = SmallPool(4);
+  SequenceKv a(pool.get());
+  REQUIRE(a.Reserve(8).ok());
+  a.set_n_tokens(8);
+  SequenceKv b(pool.get());
+  REQUIRE(b.ShareFrom(a, 6).code() == absl::StatusCode::kInvalidArgument);  // not block-aligned
+  REQUIRE(b.ShareFrom(a, 4).ok());
+  REQUIRE(b.n_tokens() == 4);
+  REQUIRE(b.blocks() == std::vector<int32_t>{a.blocks()[0]});
+  REQUIRE(pool->n_free() == 2);
+  a.Release();
+  REQUIRE(pool->n_free() == 3);  // the shared block stays with b
+  b.Release();
+  REQUIRE(pool->n_free() == 4);
+}

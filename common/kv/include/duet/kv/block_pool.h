@@ -78,6 +78,11 @@ class SequenceKv {
   // Makes room for n_tokens positions in total. All or nothing: RESOURCE_EXHAUSTED (and no
   // change) when the pool lacks blocks.
   absl::Status Reserve(int32_t n_tokens);
+  // Shares src's first n_tokens positions (whole blocks: n_tokens must be a multiple of the block
+  // size and <= src.n_tokens()) by reference, as a prefix cache does. This lease must be empty.
+  // INVALID_ARGUMENT otherwise. New positions go to new blocks, so the shared ones are never
+  // written through this lease.
+  absl::Status ShareFrom(const SequenceKv& src, int32_t n_tokens);
   // Returns every block to the pool; n_tokens becomes 0.
   void Release();
   // Forgets positions >= n (keeps the blocks).

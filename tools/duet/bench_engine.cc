@@ -1,0 +1,404 @@
+#include "bench_engine.h"
+
+#include <immintrin.h>
+#include <omp.h>
+#include <spawn.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "args.h"
+#include "duet/kernels/threads.h"
+#include "duet/model/model.h"
+#include "duet/tensor/dtype.h"
+
+extern char** environ;
+
+namespace duet::cli {
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+double Now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+struct Shape {
+  std::string name;
+  json config;
+};
+
+Shape ShapeByName(const std::string& name) {
+  if (name == "gpt2-124m") {
+    return {name, json{{"architectures", {"GPT2LMHeadModel"}}, {"model_type", "gpt2"},
+                       {"n_layer", 12}, {"n_embd", 768}, {"n_head", 12}, {"n_positions", 1024},
+                       {"vocab_size", 50257}, {"layer_norm_epsilon", 1e-5},
+                       {"activation_function", "gelu_new"}, {"eos_token_id", 50256}}};
+  }
+  return {"tinyllama-1.1b",
+          json{{"architectures", {"LlamaForCausalLM"}}, {"model_type", "llama"},
+               {"num_hidden_layers", 22}, {"hidden_size", 2048}, {"num_attention_heads", 32},
+               {"num_key_value_heads", 4}, {"intermediate_size", 5632}, {"vocab_size", 32000},
+               {"max_position_embeddings", 2048}, {"rms_norm_eps", 1e-5}, {"rope_theta", 10000.0},
+               {"tie_word_embeddings", false}, {"hidden_act", "silu"}, {"eos_token_id", 2},
+               {"bos_token_id", 1}}};
+}
+
+// Tensor names and shapes of a shape's checkpoint.
+std::vector<std::pair<std::string, std::vector<int64_t>>> TensorList(const json& c) {
+  std::vector<std::pair<std::string, std::vector<int64_t>>> t;
+  if (c["model_type"] == "gpt2") {
+    const int64_t E = c["n_embd"], V = c["vocab_size"], P = c["n_positions"];
+    t.push_back({"wte.weight", {V, E}});
+    t.push_back({"wpe.weight", {P, E}});
+    for (int l = 0; l < c["n_layer"].get<int>(); ++l) {
+      const std::string b = absl::StrCat("h.", l, ".");
+      t.push_back({b + "ln_1.weight", {E}});
+      t.push_back({b + "ln_1.bias", {E}});
+      t.push_back({b + "attn.c_attn.weight", {E, 3 * E}});
+      t.push_back({b + "attn.c_attn.bias", {3 * E}});
+      t.push_back({b + "attn.c_proj.weight", {E, E}});
+      t.push_back({b + "attn.c_proj.bias", {E}});
+      t.push_back({b + "ln_2.weight", {E}});
+      t.push_back({b + "ln_2.bias", {E}});
+      t.push_back({b + "mlp.c_fc.weight", {E, 4 * E}});
+      t.push_back({b + "mlp.c_fc.bias", {4 * E}});
+      t.push_back({b + "mlp.c_proj.weight", {4 * E, E}});
+      t.push_back({b + "mlp.c_proj.bias", {E}});
+    }
+    t.push_back({"ln_f.weight", {E}});
+    t.push_back({"ln_f.bias", {E}});
+  } else {
+    const int64_t E = c["hidden_size"], V = c["vocab_size"], F = c["intermediate_size"];
+    const int64_t H = c["num_attention_heads"], KV = c["num_key_value_heads"], D = E / H;
+    t.push_back({"model.embed_tokens.weight", {V, E}});
+    for (int l = 0; l < c["num_hidden_layers"].get<int>(); ++l) {
+      const std::string b = absl::StrCat("model.layers.", l, ".");
+      t.push_back({b + "input_layernorm.weight", {E}});
+      t.push_back({b + "self_attn.q_proj.weight", {H * D, E}});
+      t.push_back({b + "self_attn.k_proj.weight", {KV * D, E}});
+      t.push_back({b + "self_attn.v_proj.weight", {KV * D, E}});
+      t.push_back({b + "self_attn.o_proj.weight", {E, H * D}});
+      t.push_back({b + "post_attention_layernorm.weight", {E}});
+      t.push_back({b + "mlp.gate_proj.weight", {F, E}});
+      t.push_back({b + "mlp.up_proj.weight", {F, E}});
+      t.push_back({b + "mlp.down_proj.weight", {E, F}});
+    }
+    t.push_back({"model.norm.weight", {E}});
+    t.push_back({"lm_head.weight", {V, E}});
+  }
+  return t;
+}
+
+// Writes a random-weight bf16 checkpoint (normal-ish, std 0.02; norm weights 1) unless the
+// directory already holds one of the same config.
+absl::Status WriteRandomModel(const Shape& shape, const fs::path& dir) {
+  const std::string cfg = shape.config.dump(2);
+  {
+    std::ifstream in(dir / "config.json");
+    std::stringstream ss;
+    ss << in.rdbuf();
+    if (ss.str() == cfg && fs::exists(dir / "model.safetensors")) return absl::OkStatus();
+  }
+  fs::create_directories(dir);
+  const auto tensors = TensorList(shape.config);
+  json header;
+  header["__metadata__"] = {{"format", "pt"}};
+  uint64_t off = 0;
+  for (const auto& [name, dims] : tensors) {
+    uint64_t n = 1;
+    for (auto d : dims) n *= d;
+    header[name] = {{"dtype", "BF16"}, {"shape", dims}, {"data_offsets", {off, off + 2 * n}}};
+    off += 2 * n;
+  }
+  std::string h = header.dump();
+  while (h.size() % 8) h += ' ';
+  const fs::path tmp = dir / "model.safetensors.tmp";
+  std::ofstream out(tmp, std::ios::binary);
+  const uint64_t hl = h.size();
+  out.write(reinterpret_cast<const char*>(&hl), 8);
+  out << h;
+  uint64_t state = 0x9e3779b97f4a7c15ull;
+  std::vector<uint16_t> buf;
+  for (const auto& [name, dims] : tensors) {
+    uint64_t n = 1;
+    for (auto d : dims) n *= d;
+    buf.resize(n);
+    const bool is_norm = dims.size() == 1 && name.find("bias") == std::string::npos;
+    for (uint64_t i = 0; i < n; ++i) {
+      if (is_norm) {
+        buf[i] = F32ToBf16(1.0f);
+        continue;
+      }
+      state ^= state << 13;
+      state ^= state >> 7;
+      state ^= state << 17;
+      // Sum of two uniforms: a triangular distribution with std 0.02.
+      const float u1 = static_cast<float>(state & 0xffffff) / 16777216.f;
+      const float u2 = static_cast<float>((state >> 24) & 0xffffff) / 16777216.f;
+      buf[i] = F32ToBf16((u1 + u2 - 1.f) * 0.049f);
+    }
+    out.write(reinterpret_cast<const char*>(buf.data()), static_cast<std::streamsize>(2 * n));
+  }
+  out.close();
+  if (!out) return absl::InternalError(absl::StrCat("cannot write ", tmp.string()));
+  fs::rename(tmp, dir / "model.safetensors");
+  std::ofstream(dir / "config.json") << cfg;
+  return absl::OkStatus();
+}
+
+// Sums [p, p + n) with AVX-512 loads (n a multiple of 256).
+__attribute__((target("avx512f"))) uint64_t SumAvx512(const char* p, size_t n) {
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+  for (size_t i = 0; i < n; i += 256) {
+    a0 = _mm512_add_epi64(a0, _mm512_load_si512(p + i));
+    a1 = _mm512_add_epi64(a1, _mm512_load_si512(p + i + 64));
+    a2 = _mm512_add_epi64(a2, _mm512_load_si512(p + i + 128));
+    a3 = _mm512_add_epi64(a3, _mm512_load_si512(p + i + 192));
+  }
+  alignas(64) uint64_t lanes[8];
+  _mm512_store_si512(lanes, _mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3)));
+  uint64_t sum = 0;
+  for (uint64_t v : lanes) sum += v;
+  return sum;
+}
+
+uint64_t SumScalar(const char* p, size_t n) {
+  uint64_t s0 = 0, s1 = 0;
+  for (size_t i = 0; i < n; i += 16) {
+    uint64_t w0, w1;
+    std::memcpy(&w0, p + i, 8);
+    std::memcpy(&w1, p + i + 8, 8);
+    s0 += w0;
+    s1 += w1;
+  }
+  return s0 + s1;
+}
+
+// Best sequential read bandwidth over a 1 GiB array (which no cache holds), all threads, GB/s.
+double MeasureReadBandwidth() {
+  const size_t n = size_t{1} << 30;
+  auto* p = static_cast<char*>(std::aligned_alloc(64, n));
+  std::memset(p, 1, n);
+  double best = 0;
+  const bool avx512 = __builtin_cpu_supports("avx512f");
+  for (int rep = 0; rep < 4; ++rep) {
+    const double t0 = Now();
+    uint64_t total = 0;
+#pragma omp parallel reduction(+ : total)
+    {
+      const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+      const size_t chunk = n / nt / 256 * 256;
+      const char* begin = p + id * chunk;
+      const size_t len = id == nt - 1 ? n - id * chunk : chunk;
+      total += avx512 ? SumAvx512(begin, len) : SumScalar(begin, len);
+    }
+    const double dt = Now() - t0;
+    if (total == 42) std::fprintf(stderr, " ");  // keep the sum alive
+    if (rep > 0) best = std::max(best, n / dt / 1e9);  // rep 0 warms up pages and TLB
+  }
+  std::free(p);
+  return best;
+}
+
+// The child: one model, all figures but bandwidth, printed as one JSON line on stdout.
+int RunChild(const std::string& shape_name, const fs::path& workdir, int threads) {
+  kernels::SetNumThreads(threads);
+  const Shape shape = ShapeByName(shape_name);
+  const fs::path dir = workdir / shape.name;
+  std::fprintf(stderr, "[%s] writing random weights to %s\n", shape.name.c_str(), dir.c_str());
+  if (auto s = WriteRandomModel(shape, dir); !s.ok()) {
+    std::fprintf(stderr, "%s\n", s.ToString().c_str());
+    return 1;
+  }
+  const double t_load = Now();
+  auto model_or = model::Model::Load(dir, {kernels::Precision::kBF16});
+  if (!model_or.ok()) {
+    std::fprintf(stderr, "%s\n", model_or.status().ToString().c_str());
+    return 1;
+  }
+  auto& model = **model_or;
+  std::fprintf(stderr, "[%s] loaded in %.1f s\n", shape.name.c_str(), Now() - t_load);
+  const int32_t V = model.config().n_vocab;
+  const int32_t bs = 16, ctx = 512, max_batch = 16, decode_steps = 12;
+  auto pool_or = kv::BlockPool::Create(
+      model.kv_shape(bs), (ctx / bs) * 2 + max_batch * ((decode_steps * 2 + 8) / bs + 2) + 64);
+  if (!pool_or.ok()) return 1;
+  kv::BlockPool& pool = **pool_or;
+  std::mt19937 gen(7);
+  auto random_tokens = [&](int n) {
+    std::vector<int32_t> t(n);
+    for (auto& x : t) x = static_cast<int32_t>(gen() % V);
+    return t;
+  };
+  std::vector<float> logits;
+  auto check = [](const absl::Status& s) {
+    if (!s.ok()) {
+      std::fprintf(stderr, "%s\n", s.ToString().c_str());
+      std::exit(1);
+    }
+  };
+  json out;
+  out["model"] = shape.name;
+  out["weight_bytes"] = model.weight_bytes();
+
+  // Prefill: best of a few runs, each into a fresh cache.
+  kv::SequenceKv base(&pool);
+  for (int n : {128, 512}) {
+    double best = 1e30;
+    const int reps = n == 128 ? 4 : 3;
+    for (int r = 0; r < reps; ++r) {
+      kv::SequenceKv kv(&pool);
+      check(kv.Reserve(n));
+      const auto tokens = random_tokens(n);
+      model::BatchItem item{tokens, &kv, false};
+      const double t0 = Now();
+      check(model.Forward({&item, 1}, &logits));
+      best = std::min(best, Now() - t0);
+      if (n == ctx && r == reps - 1) base = std::move(kv);
+    }
+    out["prefill_tokens_per_s"][std::to_string(n)] = n / best;
+    std::fprintf(stderr, "[%s] prefill %d: %.1f tokens/s\n", shape.name.c_str(), n, n / best);
+  }
+
+  // Decode: every sequence shares the 512-token prefix and appends its own tokens.
+  for (int batch : {1, 4, 16}) {
+    std::vector<kv::SequenceKv> seqs;
+    for (int b = 0; b < batch; ++b) {
+      seqs.emplace_back(&pool);
+      check(seqs.back().ShareFrom(base, ctx));
+      check(seqs.back().Reserve(ctx + decode_steps + 2));
+    }
+    std::vector<int32_t> next(batch);
+    auto step = [&] {
+      for (auto& t : next) t = static_cast<int32_t>(gen() % V);
+      std::vector<model::BatchItem> items;
+      for (int b = 0; b < batch; ++b) items.push_back({{&next[b], 1}, &seqs[b], false});
+      check(model.Forward(items, &logits));
+    };
+    step();
+    step();  // warm up: primitives for this M
+    const double t0 = Now();
+    for (int s = 0; s < decode_steps; ++s) step();
+    const double tps = batch * decode_steps / (Now() - t0);
+    out["decode_tokens_per_s"][std::to_string(batch)] = tps;
+    std::fprintf(stderr, "[%s] decode batch %d: %.1f tokens/s\n", shape.name.c_str(), batch, tps);
+  }
+  std::cout << out.dump() << std::endl;
+  return 0;
+}
+
+}  // namespace
+
+int BenchEngineMain(int argc, char** argv, const char* self_exe) {
+  auto args = Args::Parse(argc, argv, {"json", "threads", "models", "workdir", "child"}, {});
+  if (!args.ok()) {
+    std::fprintf(stderr, "duet bench-engine: %s\n", std::string(args.status().message()).c_str());
+    return 2;
+  }
+  const auto threads = args->GetInt("threads", 2);
+  if (!threads.ok() || *threads <= 0) {
+    std::fprintf(stderr, "duet bench-engine: --threads must be a positive integer\n");
+    return 2;
+  }
+  const fs::path workdir =
+      args->Get("workdir").value_or((fs::temp_directory_path() / "duet-bench-models").string());
+  if (auto child = args->Get("child")) return RunChild(*child, workdir, static_cast<int>(*threads));
+
+  kernels::SetNumThreads(static_cast<int>(*threads));
+  std::vector<std::string> models = {"gpt2-124m", "tinyllama-1.1b"};
+  if (auto m = args->Get("models")) {
+    models.clear();
+    std::stringstream ss(*m);
+    for (std::string s; std::getline(ss, s, ',');) {
+      if (s != "gpt2-124m" && s != "tinyllama-1.1b") {
+        std::fprintf(stderr, "duet bench-engine: unknown model shape \"%s\"\n", s.c_str());
+        return 2;
+      }
+      models.push_back(s);
+    }
+  }
+  std::fprintf(stderr, "measuring read bandwidth (1 GiB, %lld threads)...\n",
+               static_cast<long long>(*threads));
+  const double bw = MeasureReadBandwidth();
+  json results = json::array();
+  for (const auto& m : models) {
+    // Each model runs in its own process so that its peak RSS is its own.
+    int pipefd[2];
+    if (pipe(pipefd) != 0) return 1;
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, pipefd[1], 1);
+    posix_spawn_file_actions_addclose(&fa, pipefd[0]);
+    const std::string threads_s = std::to_string(*threads), workdir_s = workdir.string();
+    std::vector<const char*> cargv = {self_exe,      "bench-engine", "--child",
+                                      m.c_str(),     "--threads",    threads_s.c_str(),
+                                      "--workdir",   workdir_s.c_str(), nullptr};
+    pid_t pid;
+    if (posix_spawn(&pid, self_exe, &fa, nullptr, const_cast<char* const*>(cargv.data()),
+                    environ) != 0) {
+      std::fprintf(stderr, "duet bench-engine: cannot start %s\n", self_exe);
+      return 1;
+    }
+    posix_spawn_file_actions_destroy(&fa);
+    close(pipefd[1]);
+    std::string text;
+    char buf[4096];
+    for (ssize_t n; (n = read(pipefd[0], buf, sizeof buf)) > 0;) text.append(buf, n);
+    close(pipefd[0]);
+    int status = 0;
+    struct rusage ru {};
+    wait4(pid, &status, 0, &ru);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+      std::fprintf(stderr, "duet bench-engine: %s failed\n", m.c_str());
+      return 1;
+    }
+    json r = json::parse(text, nullptr, false);
+    if (r.is_discarded()) return 1;
+    r["bandwidth_gb_s"] = bw;
+    r["decode_ceiling_tokens_per_s"] = bw * 1e9 / r["weight_bytes"].get<double>();
+    r["peak_rss_bytes"] = static_cast<int64_t>(ru.ru_maxrss) * 1024;
+    results.push_back(r);
+  }
+
+  std::printf("\nduet bench-engine  (bf16, %lld threads, read bandwidth %.1f GB/s)\n",
+              static_cast<long long>(*threads), bw);
+  std::printf("%-16s %12s %12s %10s %10s %10s %10s %8s %9s\n", "model", "prefill-128",
+              "prefill-512", "decode-1", "decode-4", "decode-16", "ceiling-1", "1/ceil",
+              "RSS(MiB)");
+  for (const auto& r : results) {
+    const double d1 = r["decode_tokens_per_s"]["1"];
+    const double ceil = r["decode_ceiling_tokens_per_s"];
+    std::printf("%-16s %12.1f %12.1f %10.1f %10.1f %10.1f %10.1f %7.0f%% %9.0f\n",
+                r["model"].get<std::string>().c_str(),
+                r["prefill_tokens_per_s"]["128"].get<double>(),
+                r["prefill_tokens_per_s"]["512"].get<double>(), d1,
+                r["decode_tokens_per_s"]["4"].get<double>(),
+                r["decode_tokens_per_s"]["16"].get<double>(), ceil, 100 * d1 / ceil,
+                r["peak_rss_bytes"].get<double>() / (1 << 20));
+    std::printf("%-16s batch-16 / batch-1 = %.1fx\n", "",
+                r["decode_tokens_per_s"]["16"].get<double>() / d1);
+  }
+  std::printf("(tokens/s; ceiling = bandwidth / weight bytes read per decode step)\n");
+  if (auto path = args->Get("json")) {
+    std::ofstream(*path) << results.dump(2) << "\n";
+  }
+  return 0;
+}
+
+}  // namespace duet::cli
