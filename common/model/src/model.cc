@@ -420,7 +420,7 @@ absl::Status Model::Forward(std::span<const BatchItem> items, std::vector<float>
         const float* k = s.qkv.data() + row * QKV + QD;
         const float* v = k + KD;
         for (int32_t h = 0; h < c.n_kv_heads; ++h) {
-          std::memcpy(layout.K(block, h, slot), k + h * D, D * sizeof(float));
+          layout.StoreK(block, h, slot, k + h * D);
           std::memcpy(layout.V(block, h, slot), v + h * D, D * sizeof(float));
         }
       }

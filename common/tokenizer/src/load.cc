@@ -1,4 +1,4 @@
-// Building a Tokenizer::Impl from tokenizer.json (+ tokenizer_config.json) or GPT-2's files.
+// Building a TokenizerImpl from tokenizer.json (+ tokenizer_config.json) or GPT-2's files.
 #include <algorithm>
 #include <limits>
 #include <utility>
@@ -9,15 +9,9 @@
 #include "str_util.h"
 #include "tokenizer_impl.h"
 
-namespace duet::tokenizer {
+namespace duet::tokenizer::internal {
 namespace {
 
-using internal::AddedToken;
-using internal::AsAbsl;
-using internal::Cat;
-using internal::DecoderStep;
-using internal::NormalizerStep;
-using internal::PreTokenizerStep;
 using json = nlohmann::json;
 
 // Ids beyond this are rejected as corrupt (no real vocabulary comes near).
@@ -65,13 +59,13 @@ absl::StatusOr<int32_t> CheckId(int64_t id, std::string_view what) {
 
 // A pattern object {"String": "..."} or {"Regex": "..."}: literal text or a compiled regex.
 absl::Status ParsePattern(const json& pattern, std::string& literal,
-                          std::shared_ptr<const internal::Regex>& regex) {
+                          std::shared_ptr<const Regex>& regex) {
   if (pattern.contains("String")) {
     literal = pattern.at("String").get<std::string>();
     return absl::OkStatus();
   }
   if (pattern.contains("Regex")) {
-    auto compiled = internal::Regex::Compile(pattern.at("Regex").get<std::string>());
+    auto compiled = Regex::Compile(pattern.at("Regex").get<std::string>());
     if (!compiled.ok()) return compiled.status();
     regex = *std::move(compiled);
     return absl::OkStatus();
@@ -89,10 +83,10 @@ absl::Status ParseNormalizer(const json& n, std::vector<NormalizerStep>& steps) 
     return absl::OkStatus();
   } else if (type == "NFC" || type == "NFD" || type == "NFKC" || type == "NFKD") {
     step.kind = NormalizerStep::Kind::kUnicode;
-    step.form = type == "NFC"    ? internal::NormalForm::kNfc
-                : type == "NFD"  ? internal::NormalForm::kNfd
-                : type == "NFKC" ? internal::NormalForm::kNfkc
-                                 : internal::NormalForm::kNfkd;
+    step.form = type == "NFC"    ? NormalForm::kNfc
+                : type == "NFD"  ? NormalForm::kNfd
+                : type == "NFKC" ? NormalForm::kNfkc
+                                 : NormalForm::kNfkd;
   } else if (type == "Lowercase") {
     step.kind = NormalizerStep::Kind::kLowercase;
   } else if (type == "Prepend") {
@@ -113,17 +107,16 @@ absl::Status ParseNormalizer(const json& n, std::vector<NormalizerStep>& steps) 
   return absl::OkStatus();
 }
 
-absl::StatusOr<internal::PrependScheme> ParsePrependScheme(const json& obj) {
+absl::StatusOr<PrependScheme> ParsePrependScheme(const json& obj) {
   // Newer files say prepend_scheme; older ones say add_prefix_space.
   if (obj.contains("prepend_scheme") && !obj.at("prepend_scheme").is_null()) {
     const std::string scheme = obj.at("prepend_scheme").get<std::string>();
-    if (scheme == "always") return internal::PrependScheme::kAlways;
-    if (scheme == "first") return internal::PrependScheme::kFirst;
-    if (scheme == "never") return internal::PrependScheme::kNever;
+    if (scheme == "always") return PrependScheme::kAlways;
+    if (scheme == "first") return PrependScheme::kFirst;
+    if (scheme == "never") return PrependScheme::kNever;
     return Invalid(Cat("unknown Metaspace prepend_scheme '", scheme, "'"));
   }
-  return GetBool(obj, "add_prefix_space", true) ? internal::PrependScheme::kAlways
-                                                : internal::PrependScheme::kNever;
+  return GetBool(obj, "add_prefix_space", true) ? PrependScheme::kAlways : PrependScheme::kNever;
 }
 
 absl::Status ParsePreTokenizer(const json& p, std::vector<PreTokenizerStep>& steps) {
@@ -139,15 +132,15 @@ absl::Status ParsePreTokenizer(const json& p, std::vector<PreTokenizerStep>& ste
     if (absl::Status s = ParsePattern(p.at("pattern"), step.literal, step.regex); !s.ok()) return s;
     const std::string behavior = GetString(p, "behavior", "Isolated");
     if (behavior == "Removed") {
-      step.behavior = internal::SplitBehavior::kRemoved;
+      step.behavior = SplitBehavior::kRemoved;
     } else if (behavior == "Isolated") {
-      step.behavior = internal::SplitBehavior::kIsolated;
+      step.behavior = SplitBehavior::kIsolated;
     } else if (behavior == "MergedWithPrevious") {
-      step.behavior = internal::SplitBehavior::kMergedWithPrevious;
+      step.behavior = SplitBehavior::kMergedWithPrevious;
     } else if (behavior == "MergedWithNext") {
-      step.behavior = internal::SplitBehavior::kMergedWithNext;
+      step.behavior = SplitBehavior::kMergedWithNext;
     } else if (behavior == "Contiguous") {
-      step.behavior = internal::SplitBehavior::kContiguous;
+      step.behavior = SplitBehavior::kContiguous;
     } else {
       return Invalid(Cat("unknown Split behavior '", behavior, "'"));
     }
@@ -156,7 +149,7 @@ absl::Status ParsePreTokenizer(const json& p, std::vector<PreTokenizerStep>& ste
     step.kind = PreTokenizerStep::Kind::kByteLevel;
     step.add_prefix_space = GetBool(p, "add_prefix_space", false);
     if (GetBool(p, "use_regex", true)) {
-      auto regex = internal::Regex::Compile(internal::kGpt2Pattern);
+      auto regex = Regex::Compile(kGpt2Pattern);
       if (!regex.ok()) return regex.status();
       step.regex = *std::move(regex);
     }
@@ -205,7 +198,7 @@ absl::Status ParseDecoder(const json& d, std::vector<DecoderStep>& steps) {
     step.content = GetString(d, "replacement", "\xE2\x96\x81");
     auto scheme = ParsePrependScheme(d);
     if (!scheme.ok()) return scheme.status();
-    step.prefix_space = *scheme != internal::PrependScheme::kNever;
+    step.prefix_space = *scheme != PrependScheme::kNever;
   } else {
     return Unsupported("decoder", type);
   }
@@ -214,7 +207,7 @@ absl::Status ParseDecoder(const json& d, std::vector<DecoderStep>& steps) {
 }
 
 // Resolves a token name (added tokens first, then the model vocabulary).
-std::optional<int32_t> Lookup(const Tokenizer::Impl& impl, std::string_view token) {
+std::optional<int32_t> Lookup(const TokenizerImpl& impl, std::string_view token) {
   if (const auto it = impl.added_by_content.find(AsAbsl(token));
       it != impl.added_by_content.end()) {
     return it->second;
@@ -225,7 +218,7 @@ std::optional<int32_t> Lookup(const Tokenizer::Impl& impl, std::string_view toke
   return std::nullopt;
 }
 
-absl::Status ParsePostProcessor(const json& p, Tokenizer::Impl& impl) {
+absl::Status ParsePostProcessor(const json& p, TokenizerImpl& impl) {
   const std::string type = GetString(p, "type");
   if (type == "Sequence") {
     for (const json& child : p.at("processors")) {
@@ -273,7 +266,7 @@ absl::Status ParsePostProcessor(const json& p, Tokenizer::Impl& impl) {
 }
 
 // Fills entries, the added-token matchers and derived tables once vocab and added tokens are known.
-absl::Status Finish(Tokenizer::Impl& impl, const std::vector<DecoderStep>& decoder_steps,
+absl::Status Finish(TokenizerImpl& impl, const std::vector<DecoderStep>& decoder_steps,
                     bool has_decoder) {
   int64_t max_id = -1;
   for (const auto& [token, id] : impl.model.vocab()) max_id = std::max<int64_t>(max_id, id);
@@ -284,14 +277,14 @@ absl::Status Finish(Tokenizer::Impl& impl, const std::vector<DecoderStep>& decod
     TokenEntry& e = impl.entries[id];
     if (e.valid) continue;  // two strings for one id: keep the first seen
     e.token = token;
-    e.decoded = internal::DecodeTokenPiece(decoder_steps, token, /*is_added=*/false);
+    e.decoded = DecodeTokenPiece(decoder_steps, token, /*is_added=*/false);
     e.valid = true;
   }
   std::vector<const AddedToken*> raw, normalized;
   for (const AddedToken& t : impl.added_tokens) {
     TokenEntry& e = impl.entries[t.id];
     e.token = t.content;
-    e.decoded = internal::DecodeTokenPiece(decoder_steps, t.content, /*is_added=*/true);
+    e.decoded = DecodeTokenPiece(decoder_steps, t.content, /*is_added=*/true);
     e.valid = true;
     e.special = t.special;
     e.added = true;
@@ -300,7 +293,7 @@ absl::Status Finish(Tokenizer::Impl& impl, const std::vector<DecoderStep>& decod
   }
   impl.raw_matcher.Build(raw);
   impl.normalized_matcher.Build(normalized);
-  impl.decode_rules = internal::MakeDecodeRules(decoder_steps, has_decoder);
+  impl.decode_rules = MakeDecodeRules(decoder_steps, has_decoder);
   for (const TemplateItem& item : impl.single_template) {
     for (int32_t id : item.ids) {
       if (id >= static_cast<int32_t>(impl.entries.size()) || !impl.entries[id].valid) {
@@ -312,7 +305,7 @@ absl::Status Finish(Tokenizer::Impl& impl, const std::vector<DecoderStep>& decod
 }
 
 // bos/eos: tokenizer_config.json when it names them (a null there means "none"), else guesses.
-void ResolveBosEos(Tokenizer::Impl& impl, const json* config) {
+void ResolveBosEos(TokenizerImpl& impl, const json* config) {
   auto from_config = [&](const char* key, std::optional<int32_t>& out) -> bool {
     if (config == nullptr || !config->contains(key)) return false;
     const json& v = config->at(key);
@@ -340,9 +333,9 @@ void ResolveBosEos(Tokenizer::Impl& impl, const json* config) {
   }
 }
 
-absl::StatusOr<std::unique_ptr<Tokenizer::Impl>> BuildFromJsonUnchecked(const json& root,
-                                                                        const json* config) {
-  auto impl = std::make_unique<Tokenizer::Impl>();
+absl::StatusOr<std::unique_ptr<TokenizerImpl>> BuildFromJsonUnchecked(const json& root,
+                                                                      const json* config) {
+  auto impl = std::make_unique<TokenizerImpl>();
   if (!root.is_object()) return Invalid("tokenizer.json: the top level is not an object");
   if (!root.contains("model") || !root.at("model").is_object()) {
     return Invalid("tokenizer.json: no \"model\" object");
@@ -386,7 +379,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer::Impl>> BuildFromJsonUnchecked(const js
       return Invalid(Cat("tokenizer.json: merge ", m.dump(), " is not understood"));
     }
   }
-  internal::BpeOptions options;
+  BpeOptions options;
   if (model.contains("unk_token") && model.at("unk_token").is_string()) {
     options.unk_token = model.at("unk_token").get<std::string>();
   }
@@ -441,13 +434,13 @@ absl::StatusOr<std::unique_ptr<Tokenizer::Impl>> BuildFromJsonUnchecked(const js
 
 // Prefixes a status message with where it came from.
 absl::Status Prefixed(const absl::Status& s, std::string_view where) {
-  if (internal::AsStd(s.message()).starts_with(where)) return s;
+  if (AsStd(s.message()).starts_with(where)) return s;
   return absl::Status(s.code(), Cat(where, ": ", s.message()));
 }
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Tokenizer::Impl>> BuildFromTokenizerJson(
+absl::StatusOr<std::unique_ptr<TokenizerImpl>> BuildFromTokenizerJson(
     std::string_view tokenizer_json, std::string_view tokenizer_config_json) {
   auto root = ParseJson(tokenizer_json, "tokenizer.json");
   if (!root.ok()) return root.status();
@@ -468,12 +461,12 @@ absl::StatusOr<std::unique_ptr<Tokenizer::Impl>> BuildFromTokenizerJson(
   }
 }
 
-absl::StatusOr<std::unique_ptr<Tokenizer::Impl>> BuildFromGpt2Files(std::string_view vocab_json,
-                                                                    std::string_view merges_txt) {
+absl::StatusOr<std::unique_ptr<TokenizerImpl>> BuildFromGpt2Files(std::string_view vocab_json,
+                                                                  std::string_view merges_txt) {
   auto root = ParseJson(vocab_json, "vocab.json");
   if (!root.ok()) return root.status();
   if (!root->is_object()) return Invalid("vocab.json: the top level is not an object");
-  auto impl = std::make_unique<Tokenizer::Impl>();
+  auto impl = std::make_unique<TokenizerImpl>();
   absl::flat_hash_map<std::string, int32_t> vocab;
   vocab.reserve(root->size());
   try {
@@ -519,7 +512,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer::Impl>> BuildFromGpt2Files(std::string_
   }
   PreTokenizerStep byte_level;
   byte_level.kind = PreTokenizerStep::Kind::kByteLevel;
-  auto regex = internal::Regex::Compile(internal::kGpt2Pattern);
+  auto regex = Regex::Compile(kGpt2Pattern);
   if (!regex.ok()) return regex.status();
   byte_level.regex = *std::move(regex);
   impl->pre_tokenizers.push_back(std::move(byte_level));
@@ -529,4 +522,4 @@ absl::StatusOr<std::unique_ptr<Tokenizer::Impl>> BuildFromGpt2Files(std::string_
   return impl;
 }
 
-}  // namespace duet::tokenizer
+}  // namespace duet::tokenizer::internal

@@ -37,8 +37,8 @@ absl::Status WithContext(const absl::Status& s, const fs::path& dir) {
 
 }  // namespace
 
-void Tokenizer::Impl::EncodeSection(std::string_view text, bool at_text_start,
-                                    std::vector<int32_t>& out) const {
+void internal::TokenizerImpl::EncodeSection(std::string_view text, bool at_text_start,
+                                            std::vector<int32_t>& out) const {
   std::string normalized_storage;
   if (!normalizers.empty()) {
     normalized_storage = internal::ApplyNormalizers(normalizers, std::string(text));
@@ -65,8 +65,8 @@ void Tokenizer::Impl::EncodeSection(std::string_view text, bool at_text_start,
   encode_words(text.substr(pos), at_text_start && pos == 0);
 }
 
-std::optional<std::string_view> Tokenizer::Impl::PieceFor(int32_t id, bool skip_special,
-                                                          bool first) const {
+std::optional<std::string_view> internal::TokenizerImpl::PieceFor(int32_t id, bool skip_special,
+                                                                  bool first) const {
   if (id < 0 || id >= static_cast<int32_t>(entries.size())) return std::nullopt;
   const TokenEntry& e = entries[id];
   if (!e.valid || (skip_special && e.special)) return std::nullopt;
@@ -77,19 +77,19 @@ std::optional<std::string_view> Tokenizer::Impl::PieceFor(int32_t id, bool skip_
   return piece;
 }
 
-Tokenizer::Tokenizer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Tokenizer::Tokenizer(std::unique_ptr<internal::TokenizerImpl> impl) : impl_(std::move(impl)) {}
 Tokenizer::~Tokenizer() = default;
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(
     std::string_view tokenizer_json, std::string_view tokenizer_config_json) {
-  auto impl = BuildFromTokenizerJson(tokenizer_json, tokenizer_config_json);
+  auto impl = internal::BuildFromTokenizerJson(tokenizer_json, tokenizer_config_json);
   if (!impl.ok()) return impl.status();
   return std::unique_ptr<Tokenizer>(new Tokenizer(*std::move(impl)));
 }
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromGpt2Files(std::string_view vocab_json,
                                                                     std::string_view merges_txt) {
-  auto impl = BuildFromGpt2Files(vocab_json, merges_txt);
+  auto impl = internal::BuildFromGpt2Files(vocab_json, merges_txt);
   if (!impl.ok()) return impl.status();
   return std::unique_ptr<Tokenizer>(new Tokenizer(*std::move(impl)));
 }
@@ -153,7 +153,7 @@ std::vector<int32_t> Tokenizer::Encode(std::string_view text, bool add_special_t
   if (!add_special_tokens || impl_->single_template.empty()) return ids;
   std::vector<int32_t> with_special;
   with_special.reserve(ids.size() + 4);
-  for (const TemplateItem& item : impl_->single_template) {
+  for (const internal::TemplateItem& item : impl_->single_template) {
     const auto& part = item.is_sequence ? ids : item.ids;
     with_special.insert(with_special.end(), part.begin(), part.end());
   }
@@ -211,7 +211,7 @@ StreamDecoder::StreamDecoder(const Tokenizer& tokenizer, bool skip_special_token
       n_strip_left_remaining_(tokenizer.impl_->decode_rules.n_strip_start) {}
 
 std::string StreamDecoder::Push(int32_t id) {
-  const Tokenizer::Impl& impl = *tokenizer_.impl_;
+  const internal::TokenizerImpl& impl = *tokenizer_.impl_;
   const auto piece = impl.PieceFor(id, skip_special_tokens_, !seen_token_);
   if (!piece.has_value()) return {};
   if (impl.decode_rules.join_with_space && seen_token_) pending_bytes_ += ' ';

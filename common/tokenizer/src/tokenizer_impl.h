@@ -1,4 +1,4 @@
-// Tokenizer::Impl: everything a loaded tokenizer holds (private to duet_tokenizer).
+// TokenizerImpl: everything a loaded tokenizer holds (private to duet_tokenizer).
 #ifndef DUET_TOKENIZER_SRC_TOKENIZER_IMPL_H_
 #define DUET_TOKENIZER_SRC_TOKENIZER_IMPL_H_
 
@@ -15,7 +15,7 @@
 #include "duet/tokenizer/tokenizer.h"
 #include "pipeline.h"
 
-namespace duet::tokenizer {
+namespace duet::tokenizer::internal {
 
 // One entry per id in [0, vocab_size).
 struct TokenEntry {
@@ -32,16 +32,16 @@ struct TemplateItem {
   std::vector<int32_t> ids;
 };
 
-struct Tokenizer::Impl {
-  std::vector<internal::AddedToken> added_tokens;
+struct TokenizerImpl {
+  std::vector<AddedToken> added_tokens;
   absl::flat_hash_map<std::string, int32_t> added_by_content;
-  internal::AddedTokenMatcher raw_matcher;         // added tokens with normalized = false
-  internal::AddedTokenMatcher normalized_matcher;  // added tokens with normalized = true
-  std::vector<internal::NormalizerStep> normalizers;
-  std::vector<internal::PreTokenizerStep> pre_tokenizers;
-  internal::BpeModel model;
+  AddedTokenMatcher raw_matcher;         // added tokens with normalized = false
+  AddedTokenMatcher normalized_matcher;  // added tokens with normalized = true
+  std::vector<NormalizerStep> normalizers;
+  std::vector<PreTokenizerStep> pre_tokenizers;
+  BpeModel model;
   std::vector<TemplateItem> single_template;  // empty: add_special_tokens adds nothing
-  internal::DecodeRules decode_rules;
+  DecodeRules decode_rules;
   std::vector<TokenEntry> entries;  // by id
   std::optional<int32_t> bos_id;
   std::optional<int32_t> eos_id;
@@ -53,11 +53,11 @@ struct Tokenizer::Impl {
 };
 
 // Builders (load.cc).
-absl::StatusOr<std::unique_ptr<Tokenizer::Impl>> BuildFromTokenizerJson(
+absl::StatusOr<std::unique_ptr<TokenizerImpl>> BuildFromTokenizerJson(
     std::string_view tokenizer_json, std::string_view tokenizer_config_json);
-absl::StatusOr<std::unique_ptr<Tokenizer::Impl>> BuildFromGpt2Files(std::string_view vocab_json,
-                                                                    std::string_view merges_txt);
+absl::StatusOr<std::unique_ptr<TokenizerImpl>> BuildFromGpt2Files(std::string_view vocab_json,
+                                                                  std::string_view merges_txt);
 
-}  // namespace duet::tokenizer
+}  // namespace duet::tokenizer::internal
 
 #endif  // DUET_TOKENIZER_SRC_TOKENIZER_IMPL_H_

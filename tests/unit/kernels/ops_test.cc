@@ -68,12 +68,19 @@ TEST_CASE("PagedAttention equals dense causal attention across scattered blocks"
   for (int i = 0; i < T * 2 * d; ++i) Q[i] = std::sin(1.1f * i + 0.5f);
   for (int p = 0; p < T; ++p)
     for (int t = 0; t < d; ++t) {
-      kv.K(table[p / bs], 0, p % bs)[t] = K[p * d + t];
       kv.V(table[p / bs], 0, p % bs)[t] = V[p * d + t];
     }
-  k::AttentionSeq seq{table, 0, T, 0};
-  std::vector<float> out(T * 2 * d);
-  k::PagedAttention(Q.data(), 2 * d, kv, &seq, 1, 2, 0.5f, out.data(), 2 * d);
+  for (int p = 0; p < T; ++p) kv.StoreK(table[p / bs], 0, p % bs, &K[p * d]);
+  float back[4];
+  kv.LoadK(table[4 / bs], 0, 4 % bs, back);
+  REQUIRE(back[3] == K[4 * d + 3]);
+  // Two sequences sharing the cache: one prefilling all 5 rows, one decoding its last row only.
+  k::AttentionSeq seqs[2] = {{table, 0, T, 0}, {table, T - 1, 1, T}};
+  std::vector<float> Q2 = Q;
+  Q2.insert(Q2.end(), Q.end() - 2 * d, Q.end());
+  std::vector<float> out((T + 1) * 2 * d);
+  k::PagedAttention(Q2.data(), 2 * d, kv, seqs, 2, 2, 0.5f, out.data(), 2 * d);
+  for (int t = 0; t < 2 * d; ++t) REQUIRE(out[T * 2 * d + t] == Approx(out[(T - 1) * 2 * d + t]));
   for (int p = 0; p < T; ++p)
     for (int h = 0; h < 2; ++h) {
       std::vector<double> s(p + 1);

@@ -7,8 +7,9 @@
 
 namespace duet::kernels {
 
-// Where one layer's K and V live in a block pool. A block holds, for every layer, K then V, each
-// [n_kv_heads][block_size][head_dim] f32.
+// Where one layer's K and V live in a block pool. A block holds, for every layer, K then V:
+// K as [n_kv_heads][head_dim][block_size] (transposed within the block, so attention computes a
+// block's scores as vectors over its slots) and V as [n_kv_heads][block_size][head_dim]; f32.
 struct PagedKvLayout {
   float* base = nullptr;         // block 0
   int64_t block_stride = 0;      // floats per block (all layers)
@@ -19,13 +20,22 @@ struct PagedKvLayout {
 
   int64_t head_stride() const { return static_cast<int64_t>(block_size) * head_dim; }
   int64_t v_offset() const { return head_stride() * n_kv_heads; }
-  // K of (position slot within block, kv head) in physical block `block`.
-  float* K(int32_t block, int32_t kv_head, int32_t slot) const {
-    return base + block * block_stride + layer_offset + kv_head * head_stride() +
-           static_cast<int64_t>(slot) * head_dim;
+  // K of one kv head in physical block `block`: [head_dim][block_size].
+  float* KT(int32_t block, int32_t kv_head) const {
+    return base + block * block_stride + layer_offset + kv_head * head_stride();
   }
+  // V of (kv head, slot within block): head_dim contiguous floats.
   float* V(int32_t block, int32_t kv_head, int32_t slot) const {
-    return K(block, kv_head, slot) + v_offset();
+    return KT(block, kv_head) + v_offset() + static_cast<int64_t>(slot) * head_dim;
+  }
+  // Writes / reads one position's K vector (head_dim floats).
+  void StoreK(int32_t block, int32_t kv_head, int32_t slot, const float* k) const {
+    float* kt = KT(block, kv_head) + slot;
+    for (int32_t t = 0; t < head_dim; ++t) kt[static_cast<int64_t>(t) * block_size] = k[t];
+  }
+  void LoadK(int32_t block, int32_t kv_head, int32_t slot, float* k) const {
+    const float* kt = KT(block, kv_head) + slot;
+    for (int32_t t = 0; t < head_dim; ++t) k[t] = kt[static_cast<int64_t>(t) * block_size];
   }
 };
 

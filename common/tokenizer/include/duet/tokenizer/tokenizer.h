@@ -1,30 +1,31 @@
 // duet::tokenizer — text <-> token ids for the models duet serves.
 //
-// Supported (everything else is rejected at load time with a status naming the component):
+// Supported (anything else is rejected at load time with a status naming the component):
 //   * tokenizer.json (Hugging Face `tokenizers` format) with model type BPE:
-//       - byte-level BPE (GPT-2, Llama 3, Qwen): pre_tokenizer Split(regex) + ByteLevel, decoder
-//       ByteLevel;
-//       - SentencePiece-style BPE (Llama 2): normalizers Prepend/Replace or pre_tokenizer
-//       Metaspace,
-//         byte_fallback to <0xNN> tokens, decoders Replace/ByteFallback/Fuse/Strip/Metaspace;
-//       - normalizers NFC/NFD/NFKC/NFKD/Lowercase/Prepend/Replace/Strip/Sequence;
-//       - pre_tokenizers Split/ByteLevel/Metaspace/Digits/Sequence;
-//       - added tokens (special or not) with lstrip/rstrip/single_word/normalized;
-//       - post_processors TemplateProcessing/BertProcessing/RobertaProcessing/ByteLevel/Sequence
-//         (only the single-sequence template is used);
-//       - merges as "a b" strings or as ["a", "b"] pairs.
+//     - byte-level BPE (GPT-2, Llama 3, Qwen): Split(regex) + ByteLevel, ByteLevel decoder;
+//     - SentencePiece-style BPE (Llama 2): Prepend/Replace normalizers or a Metaspace
+//       pre-tokenizer, byte_fallback to <0xNN> tokens, Replace/ByteFallback/Fuse/Strip/Metaspace
+//       decoders;
+//     - normalizers NFC/NFD/NFKC/NFKD/Lowercase/Prepend/Replace/Strip/Sequence;
+//     - pre-tokenizers Split/ByteLevel/Metaspace/Digits/Sequence;
+//     - added tokens (special or not) with lstrip/rstrip/single_word/normalized;
+//     - post-processors TemplateProcessing/BertProcessing/RobertaProcessing/ByteLevel/Sequence
+//       (the single-sequence template only);
+//     - merges as "a b" strings or as ["a", "b"] pairs.
 //   * GPT-2's vocab.json + merges.txt, with <|endoftext|> as the special (bos = eos) token.
 //
-// Semantics follow Hugging Face `tokenizers` (the Rust library). Where its JavaScript port differs,
-// the Rust behaviour is kept; see tests/unit/tokenizer/ for the parity test and what it asserts.
-//   * Regex `\s` means the Unicode White_Space property (as in Oniguruma, used by `tokenizers`, and
-//   in
-//     tiktoken), not PCRE2's or JavaScript's own sets. Regexes run with PCRE2 (UTF + UCP), so
-//     letter and number classes follow PCRE2's Unicode tables.
-//   * Text that is not valid UTF-8 is first repaired: each maximal invalid subsequence becomes
-//   U+FFFD.
-//   * Decoding never applies `clean_up_tokenization_spaces` (it would break streaming and round
-//   trips).
+// Semantics follow Hugging Face `tokenizers` (the Rust library). The parity test
+// (tests/unit/tokenizer/parity_test.cc) checks ids against its JavaScript port on the real GPT-2,
+// Llama 2, Llama 3 and Qwen 3 files. Deliberate differences:
+//   * Regex `\s` means the Unicode White_Space property, as in Oniguruma (used by `tokenizers`) and
+//     tiktoken; PCRE2 alone would also match U+180E, JavaScript matches U+FEFF and not U+0085.
+//     Regexes run with PCRE2 (UTF + UCP): letter/number classes follow PCRE2's Unicode tables.
+//   * Encode first repairs text that is not valid UTF-8: each maximal invalid subsequence
+//     becomes U+FFFD.
+//   * Decode turns bytes that are not valid UTF-8 into one U+FFFD per maximal invalid subsequence,
+//     also for byte-fallback tokens (HF's ByteFallback decoder writes one U+FFFD per byte there).
+//   * Added tokens decode to their literal text, also under a ByteLevel decoder.
+//   * Decode never applies `clean_up_tokenization_spaces` (it breaks streaming and round trips).
 //
 // Thread safety: a Tokenizer is immutable after construction except for an internal, mutex-guarded
 // cache of BPE results; Encode, Decode and every other const method may be called from many threads
@@ -44,6 +45,10 @@
 #include "absl/status/statusor.h"
 
 namespace duet::tokenizer {
+
+namespace internal {
+struct TokenizerImpl;  // defined in src/tokenizer_impl.h
+}  // namespace internal
 
 class Tokenizer {
  public:
@@ -97,12 +102,10 @@ class Tokenizer {
   // True for added tokens marked special (skipped by Decode(..., skip_special_tokens=true)).
   bool IsSpecialId(int32_t id) const;
 
-  struct Impl;  // private; defined in src/
-
  private:
   friend class StreamDecoder;
-  explicit Tokenizer(std::unique_ptr<Impl> impl);
-  std::unique_ptr<Impl> impl_;
+  explicit Tokenizer(std::unique_ptr<internal::TokenizerImpl> impl);
+  std::unique_ptr<internal::TokenizerImpl> impl_;
 };
 
 // Streaming-safe detokenisation for one generated sequence. Push returns only complete UTF-8 text:
