@@ -3,10 +3,12 @@
 #include <omp.h>
 
 #include <dnnl.hpp>
+#include <algorithm>
 #include <unordered_map>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "gemv_bf16.h"
 
 namespace duet::kernels {
 namespace {
@@ -24,6 +26,9 @@ DnnlContext& Context() {
   return ctx;
 }
 
+// Up to this many rows, bf16 matmuls use GemvBf16 (weights read once for all rows).
+constexpr int64_t kGemvMaxM = 16;
+
 }  // namespace
 
 struct Linear::Impl {
@@ -33,6 +38,10 @@ struct Linear::Impl {
   dnnl::memory weights;
   std::vector<float> bias;
   std::vector<uint16_t> x_bf16;  // scratch: x rounded to bf16
+  // Small M (decode) runs duet's own AVX-512-BF16 kernel on the same packed weights when the
+  // layout is BA16a64b2a; kp is K padded to the layout's block.
+  bool use_gemv = false;
+  int64_t kp = 0;
   struct Cached {
     dnnl::matmul prim;
   };
@@ -80,8 +89,13 @@ absl::StatusOr<std::unique_ptr<Linear>> Linear::Create(int64_t k, int64_t n, con
     dnnl::memory user(user_desc, ctx.engine, const_cast<float*>(weights));
     dnnl::reorder(user, impl->weights).execute(ctx.stream, user, impl->weights);
     ctx.stream.wait();
-    // Build the decode-sized primitives now so the first request does not pay for them.
-    impl->Get(1);
+    if (precision == Precision::kBF16 && HasAvx512Bf16() &&
+        impl->weights_desc == dnnl::memory::desc({k, n}, dt::bf16, tag::BA16a64b2a)) {
+      impl->use_gemv = true;
+      impl->kp = impl->weights_desc.data.padded_dims[0];
+    } else {
+      impl->Get(1);  // build the decode-sized primitive now, not on the first request
+    }
   } catch (const dnnl::error& e) {
     return absl::InternalError(absl::StrCat("oneDNN matmul k=", k, " n=", n, ": ", e.what()));
   }
@@ -92,6 +106,18 @@ absl::StatusOr<std::unique_ptr<Linear>> Linear::Create(int64_t k, int64_t n, con
 absl::Status Linear::Forward(const float* x, int64_t m, float* y) {
   Impl& im = *impl_;
   if (m <= 0) return absl::InvalidArgumentError(absl::StrCat("Linear: m=", m));
+  if (im.use_gemv && m <= kGemvMaxM) {
+    const int64_t kp = im.kp;
+    if (im.x_bf16.size() < static_cast<size_t>(m * kp)) im.x_bf16.resize(m * kp);
+    for (int64_t r = 0; r < m; ++r) {
+      uint16_t* xr = im.x_bf16.data() + r * kp;
+      const float* src = x + r * im.k;
+      for (int64_t i = 0; i < im.k; ++i) xr[i] = F32ToBf16(src[i]);
+      std::fill(xr + im.k, xr + kp, uint16_t{0});
+    }
+    GemvBf16(im.x_bf16.data(), m, kp, static_cast<const uint16_t*>(im.weights.get_data_handle()),
+             im.n, y);
+  } else {
   try {
     auto& ctx = Context();
     dnnl::matmul& prim = im.Get(m);
@@ -113,6 +139,7 @@ absl::Status Linear::Forward(const float* x, int64_t m, float* y) {
     ctx.stream.wait();
   } catch (const dnnl::error& e) {
     return absl::InternalError(absl::StrCat("oneDNN matmul m=", m, ": ", e.what()));
+  }
   }
   if (!im.bias.empty()) {
     const int64_t n = im.n;

@@ -73,9 +73,16 @@ TEST_CASE("pool creation validates its shape", "[kv]") {
 TEST_CASE("layout addresses K and V of each layer without overlap", "[kv]") {
   auto pool = SmallPool(2);
   auto l0 = pool->Layout(0), l1 = pool->Layout(1);
-  REQUIRE(l0.V(0, 0, 0) == l0.K(0, 0, 0) + 16);
-  REQUIRE(l1.K(0, 0, 0) == l0.V(0, 0, 0) + 16);
-  REQUIRE(l0.K(1, 0, 0) == l1.V(0, 0, 0) + 16);
+  REQUIRE(l0.V(0, 0, 0) == l0.KT(0, 0) + 16);
+  REQUIRE(l1.KT(0, 0) == l0.V(0, 0, 0) + 16);
+  REQUIRE(l0.KT(1, 0) == l1.V(0, 0, 0) + 16);
+  REQUIRE(l0.V(0, 0, 1) == l0.V(0, 0, 0) + 4);  // V: slots of head_dim floats
+  float k[4] = {1, 2, 3, 4}, back[4];
+  l1.StoreK(1, 0, 2, k);
+  REQUIRE(l1.KT(1, 0)[2] == 1.f);  // K: transposed, element t of slot s at t * block_size + s
+  REQUIRE(l1.KT(1, 0)[3 * 4 + 2] == 4.f);
+  l1.LoadK(1, 0, 2, back);
+  REQUIRE(back[3] == 4.f);
 }
 
 TEST_CASE("a shared prefix is ref-counted and outlives its first owner", "[kv]") {
