@@ -322,7 +322,8 @@ size_t Model::weight_bytes() const {
   return n;
 }
 
-absl::Status Model::Forward(std::span<const BatchItem> items, std::vector<float>* logits) {
+absl::Status Model::Forward(std::span<const BatchItem> items, std::vector<float>* logits,
+                            const ForwardHooks* hooks) {
   const ModelConfig& c = config_;
   Scratch& s = *scratch_;
   const int64_t E = c.n_embd, D = c.head_dim, QKV = c.qkv_dim();
@@ -334,6 +335,15 @@ absl::Status Model::Forward(std::span<const BatchItem> items, std::vector<float>
     const BatchItem& it = items[i];
     if (it.kv == nullptr || it.tokens.empty()) {
       return absl::InvalidArgumentError(absl::StrCat("batch item ", i, " has no tokens"));
+    }
+    if (it.kv->pool() != items[0].kv->pool()) {
+      return absl::InvalidArgumentError(absl::StrCat("batch item ", i, " uses another K/V pool"));
+    }
+    for (size_t j = 0; j < i; ++j) {
+      if (items[j].kv == it.kv) {
+        return absl::InvalidArgumentError(absl::StrCat("batch items ", j, " and ", i,
+                                                       " share one sequence"));
+      }
     }
     for (int32_t t : it.tokens) {
       if (t < 0 || t >= c.n_vocab) {
@@ -424,6 +434,9 @@ absl::Status Model::Forward(std::span<const BatchItem> items, std::vector<float>
           std::memcpy(layout.V(block, h, slot), v + h * D, D * sizeof(float));
         }
       }
+    }
+    if (hooks != nullptr && hooks->on_layer_kv && !hooks->on_layer_kv(l)) {
+      return absl::CancelledError(absl::StrCat("forward pass aborted after layer ", l));
     }
     kernels::PagedAttention(s.qkv.data(), QKV, layout, s.seqs.data(),
                             static_cast<int32_t>(s.seqs.size()), c.n_heads, scale, s.attn.data(),

@@ -220,3 +220,31 @@ TEST_CASE("the fingerprint is stable per model and differs between models", "[mo
   REQUIRE(a1->fingerprint() == a2->fingerprint());
   REQUIRE(a1->fingerprint() != b->fingerprint());
 }
+
+TEST_CASE("the per-layer K/V hook runs in layer order and can abort the pass", "[model]") {
+  auto m = LoadModel("llama-tiny-sharded", Precision::kF32);  // 3 layers
+  auto pool = PoolFor(*m, 4, 16);
+  SequenceKv kv(pool.get());
+  REQUIRE(kv.Reserve(8).ok());
+  std::vector<int32_t> tokens = {1, 5, 9, 13};
+  std::vector<float> logits;
+  std::vector<int32_t> seen;
+  duet::model::ForwardHooks hooks;
+  hooks.on_layer_kv = [&](int32_t l) {
+    seen.push_back(l);
+    return true;
+  };
+  BatchItem item{tokens, &kv, false};
+  REQUIRE(m->Forward({&item, 1}, &logits, &hooks).ok());
+  REQUIRE(seen == std::vector<int32_t>{0, 1, 2});
+  REQUIRE(kv.n_tokens() == 4);
+  seen.clear();
+  hooks.on_layer_kv = [&](int32_t l) {
+    seen.push_back(l);
+    return l < 1;
+  };
+  auto st = m->Forward({&item, 1}, &logits, &hooks);
+  REQUIRE(st.code() == absl::StatusCode::kCancelled);
+  REQUIRE(seen == std::vector<int32_t>{0, 1});
+  REQUIRE(kv.n_tokens() == 4);  // not advanced
+}

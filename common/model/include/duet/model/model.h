@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -30,6 +31,14 @@ struct BatchItem {
   std::span<const int32_t> tokens;  // new tokens, at positions kv->n_tokens() onwards
   kv::SequenceKv* kv = nullptr;     // must have capacity for n_tokens() + tokens.size()
   bool all_logits = false;          // logits for every new token, else only for the last
+};
+
+// Optional callbacks of one forward pass, run on the calling (engine) thread.
+struct ForwardHooks {
+  // Called as soon as layer `layer`'s K/V of every item are in the cache (before the layer's
+  // attention runs), so a caller can ship them while the rest of the pass computes. Returning
+  // false aborts the pass with CANCELLED; then no cache is advanced.
+  std::function<bool(int32_t layer)> on_layer_kv;
 };
 
 class Model {
@@ -56,7 +65,8 @@ class Model {
   // INVALID_ARGUMENT (naming the value) for an empty item, an out-of-range token id, a position
   // past the context, or too little K/V capacity; then no cache is advanced.
   // Not thread-safe: one engine thread runs a model's forward passes at a time.
-  absl::Status Forward(std::span<const BatchItem> items, std::vector<float>* logits);
+  absl::Status Forward(std::span<const BatchItem> items, std::vector<float>* logits,
+                       const ForwardHooks* hooks = nullptr);
 
  private:
   struct Weights;
