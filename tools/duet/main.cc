@@ -4,6 +4,9 @@
 //   duet tokenize   --model DIR --text TEXT                      ids as JSON
 //   duet detokenize --model DIR --ids 1,2,3                      text as JSON
 //   duet bench-engine [--json FILE] [--threads N]                engine speed on real shapes
+//   duet generate   --server ADDR --prompt TEXT [sampling flags]  one request to duet-decode
+//   duet chat       --server ADDR [sampling flags]                multi-turn chat on one session
+//   duet bench      --server ADDR --concurrency N --requests M ... serving latency/throughput
 // Errors exit non-zero with a one-line message on stderr.
 #include <cstdio>
 #include <iostream>
@@ -13,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "args.h"
 #include "bench_engine.h"
+#include "client.h"
 #include "duet/kernels/threads.h"
 #include "duet/model/model.h"
 #include "duet/tokenizer/tokenizer.h"
@@ -31,7 +35,13 @@ constexpr const char* kUsage =
     "  logits       --model DIR --token-ids 1,2,3 [--precision f32|bf16] [--threads N]\n"
     "  tokenize     --model DIR --text TEXT [--add-special-tokens]\n"
     "  detokenize   --model DIR --ids 1,2,3\n"
-    "  bench-engine [--json FILE] [--threads N] [--models gpt2-124m,tinyllama-1.1b]\n";
+    "  bench-engine [--json FILE] [--threads N] [--models gpt2-124m,tinyllama-1.1b]\n"
+    "  generate     --server ADDR --prompt TEXT [--max-tokens N] [--temperature T] [--top-k K]\n"
+    "               [--top-p P] [--min-p P] [--repetition-penalty R] [--seed S] [--stop STR]...\n"
+    "               [--ignore-eos] [--session ID] [--open-session] [--timeout-s S]\n"
+    "  chat         --server ADDR [sampling flags as generate] [--timeout-s S]\n"
+    "  bench        --server ADDR --concurrency N --requests M --prompt-tokens P --max-tokens T\n"
+    "               [--seed S] [--json FILE] [--timeout-s S]\n";
 
 int Fail(const std::string& cmd, const absl::Status& s) {
   std::fprintf(stderr, "duet %s: %s\n", cmd.c_str(), std::string(s.message()).c_str());
@@ -202,6 +212,9 @@ int main(int argc, char** argv) {
   if (cmd == "tokenize") return Tokenize(argc - 2, argv + 2);
   if (cmd == "detokenize") return Detokenize(argc - 2, argv + 2);
   if (cmd == "bench-engine") return duet::cli::BenchEngineMain(argc - 2, argv + 2, "/proc/self/exe");
+  if (cmd == "generate") return duet::cli::GenerateMain(argc - 2, argv + 2);
+  if (cmd == "chat") return duet::cli::ChatMain(argc - 2, argv + 2);
+  if (cmd == "bench") return duet::cli::BenchMain(argc - 2, argv + 2);
   if (cmd == "--help" || cmd == "-h" || cmd == "help") {
     std::fputs(kUsage, stdout);
     return 0;

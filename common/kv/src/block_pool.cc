@@ -126,6 +126,14 @@ void SequenceKv::Release() {
   n_tokens_ = 0;
 }
 
+void SequenceKv::ShrinkToFit() {
+  const int32_t bs = pool_->shape().block_size;
+  const size_t keep = static_cast<size_t>((n_tokens_ + bs - 1) / bs);
+  if (keep >= blocks_.size()) return;
+  pool_->Free(std::span<const int32_t>(blocks_).subspan(keep));
+  blocks_.resize(keep);
+}
+
 void SequenceKv::Truncate(int32_t n) {
   if (n < n_tokens_) n_tokens_ = n < 0 ? 0 : n;
 }

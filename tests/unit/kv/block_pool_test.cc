@@ -101,3 +101,13 @@ TEST_CASE("a shared prefix is ref-counted and outlives its first owner", "[kv]")
   b.Release();
   REQUIRE(pool->n_free() == 4);
 }
+
+TEST_CASE("ShrinkToFit returns the blocks past the written positions", "[kv]") {
+  auto pool = SmallPool(4);
+  SequenceKv seq(pool.get());
+  REQUIRE(seq.Reserve(16).ok());
+  seq.set_n_tokens(5);
+  seq.ShrinkToFit();
+  REQUIRE(seq.blocks().size() == 2);
+  REQUIRE(pool->n_free() == 2);
+}

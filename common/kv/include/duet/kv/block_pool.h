@@ -85,6 +85,8 @@ class SequenceKv {
   absl::Status ShareFrom(const SequenceKv& src, int32_t n_tokens);
   // Returns every block to the pool; n_tokens becomes 0.
   void Release();
+  // Returns blocks past those holding n_tokens() positions to the pool.
+  void ShrinkToFit();
   // Forgets positions >= n (keeps the blocks).
   void Truncate(int32_t n);
 

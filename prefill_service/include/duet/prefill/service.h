@@ -1,0 +1,35 @@
+// The gRPC face of the prefill engine (proto/duet/v1/prefill.proto), on gRPC's callback API.
+//
+// Prefill: the handler validates and queues the request (PrefillEngine::Submit) and returns a
+// write reactor at once; it never waits for model work. The engine thread produces the messages
+// into a mutex-protected outbox shared by the reactor and the engine (a shared_ptr both hold);
+// the reactor writes them one at a time (StartWrite -> OnWriteDone -> next) and finishes with the
+// engine's status. OnCancel (client cancel, deadline) marks the call cancelled: the engine skips
+// or aborts the job, the outbox is dropped and the reactor finishes with CANCELLED. The reactor
+// deletes itself in OnDone; the engine may outlive it holding only the shared call state.
+#pragma once
+
+#include <string>
+
+#include "duet/prefill/engine.h"
+#include "duet/v1/prefill.grpc.pb.h"
+
+namespace duet::prefill {
+
+class PrefillServiceImpl final : public v1::PrefillService::CallbackService {
+ public:
+  // `engine` must outlive the service and every call it started.
+  PrefillServiceImpl(PrefillEngine* engine, std::string model_name);
+
+  grpc::ServerWriteReactor<v1::PrefillResponse>* Prefill(
+      grpc::CallbackServerContext* context, const v1::PrefillRequest* request) override;
+  grpc::ServerUnaryReactor* Info(grpc::CallbackServerContext* context,
+                                 const v1::InfoRequest* request,
+                                 v1::InfoResponse* response) override;
+
+ private:
+  PrefillEngine* const engine_;
+  const std::string model_name_;
+};
+
+}  // namespace duet::prefill

@@ -1,0 +1,276 @@
+#include "duet/prefill/engine.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "duet/kernels/threads.h"
+
+namespace duet::prefill {
+namespace {
+
+int64_t Nanos(Clock::duration d) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(d).count();
+}
+
+double Millis(Clock::duration d) { return static_cast<double>(Nanos(d)) / 1e6; }
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<PrefillEngine>> PrefillEngine::Create(
+    std::unique_ptr<model::Model> model, EngineOptions options) {
+  if (model == nullptr) return absl::InvalidArgumentError("no model");
+  const int32_t n_ctx = model->config().n_ctx;
+  if (options.max_queue < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("max_queue ", options.max_queue, " < 1"));
+  }
+  if (options.block_size < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("block_size ", options.block_size, " < 1"));
+  }
+  if (options.max_context < 0 || options.max_context > n_ctx) {
+    return absl::InvalidArgumentError(absl::StrCat("max_context ", options.max_context,
+                                                   " outside [0, ", n_ctx, "] (the model's)"));
+  }
+  if (options.max_context == 0) options.max_context = n_ctx;
+  if (options.max_chunk_bytes == 0) options.max_chunk_bytes = kv::kDefaultMaxChunkBytes;
+  // One job runs at a time, so one prompt of max_context tokens is all the pool ever holds.
+  const int32_t n_blocks = (options.max_context + options.block_size - 1) / options.block_size;
+  auto pool = kv::BlockPool::Create(model->kv_shape(options.block_size), n_blocks);
+  if (!pool.ok()) return pool.status();
+  return std::unique_ptr<PrefillEngine>(
+      new PrefillEngine(std::move(model), std::move(*pool), std::move(options)));
+}
+
+PrefillEngine::PrefillEngine(std::unique_ptr<model::Model> model,
+                             std::unique_ptr<kv::BlockPool> pool, EngineOptions options)
+    : model_(std::move(model)), pool_(std::move(pool)), options_(std::move(options)) {
+  thread_ = std::thread([this] { Loop(); });
+}
+
+PrefillEngine::~PrefillEngine() { Stop(); }
+
+absl::Status PrefillEngine::Submit(PrefillJob job) {
+  const model::ModelConfig& c = model_->config();
+  if (job.token_ids.empty()) return absl::InvalidArgumentError("token_ids is empty");
+  for (size_t i = 0; i < job.token_ids.size(); ++i) {
+    const int32_t t = job.token_ids[i];
+    if (t < 0 || t >= c.n_vocab) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "token_ids[", i, "] = ", t, " is outside the vocabulary [0, ", c.n_vocab, ")"));
+    }
+  }
+  if (job.token_ids.size() > static_cast<size_t>(options_.max_context)) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt of ", job.token_ids.size(),
+                                                   " tokens exceeds the context of ",
+                                                   options_.max_context));
+  }
+  if (job.kv_dtype == v1::KV_DTYPE_UNSPECIFIED) job.kv_dtype = v1::KV_DTYPE_BF16;
+  if (!v1::KvDtype_IsValid(job.kv_dtype)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("kv_dtype ", static_cast<int>(job.kv_dtype), " is not supported"));
+  }
+  if (!job.model_fingerprint.empty() && job.model_fingerprint != model_->fingerprint()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("request is for model fingerprint ", job.model_fingerprint,
+                     " but this server serves ", model_->fingerprint()));
+  }
+  if (job.sink == nullptr) return absl::InvalidArgumentError("job without a sink");
+
+  std::vector<PrefillJob> gone;
+  absl::Status status;
+  {
+    absl::MutexLock lock(&mu_);
+    TakeCancelledLocked(&gone);
+    if (stopping_) {
+      status = absl::UnavailableError("prefill engine is stopping");
+    } else if (queue_.size() >= static_cast<size_t>(options_.max_queue)) {
+      status = absl::ResourceExhaustedError(
+          absl::StrCat("prefill queue is full (", options_.max_queue, " requests waiting)"));
+    } else {
+      queue_.push_back(std::move(job));
+    }
+  }
+  for (PrefillJob& g : gone) g.sink->OnFinish(absl::CancelledError("cancelled while queued"));
+  return status;
+}
+
+void PrefillEngine::TakeCancelledLocked(std::vector<PrefillJob>* out) {
+  for (auto it = queue_.begin(); it != queue_.end();) {
+    if (it->sink->cancelled()) {
+      out->push_back(std::move(*it));
+      it = queue_.erase(it);
+      ++n_cancelled_;
+    } else {
+      ++it;
+    }
+  }
+}
+
+void PrefillEngine::Pause() {
+  absl::MutexLock lock(&mu_);
+  paused_ = true;
+}
+
+void PrefillEngine::Resume() {
+  absl::MutexLock lock(&mu_);
+  paused_ = false;
+}
+
+void PrefillEngine::Stop() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (stopping_) return;
+    stopping_ = true;
+  }
+  thread_.join();
+}
+
+EngineStats PrefillEngine::stats() const {
+  EngineStats s;
+  {
+    absl::MutexLock lock(&mu_);
+    s.completed = n_completed_;
+    s.cancelled = n_cancelled_;
+    s.failed = n_failed_;
+    s.queued = static_cast<int32_t>(std::count_if(
+        queue_.begin(), queue_.end(), [](const PrefillJob& j) { return !j.sink->cancelled(); }));
+    s.running = running_;
+  }
+  s.pool_free_blocks = pool_->n_free();
+  s.pool_blocks = pool_->n_blocks();
+  return s;
+}
+
+void PrefillEngine::Loop() {
+  // OpenMP's thread count is per thread: set it on the thread that runs the kernels.
+  kernels::SetNumThreads(options_.n_threads);
+  for (;;) {
+    WaitForDrain();
+    PrefillJob job;
+    {
+      absl::MutexLock lock(&mu_);
+      auto ready = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+        return stopping_ || (!paused_ && !queue_.empty());
+      };
+      mu_.Await(absl::Condition(&ready));
+      if (stopping_) break;
+      job = std::move(queue_.front());
+      queue_.pop_front();
+      running_ = true;
+    }
+    Run(job);
+    job.sink.reset();
+    absl::MutexLock lock(&mu_);
+    running_ = false;
+  }
+  // Stopping: whatever still waits will not run.
+  std::deque<PrefillJob> left;
+  {
+    absl::MutexLock lock(&mu_);
+    left.swap(queue_);
+    n_failed_ += static_cast<int64_t>(left.size());
+  }
+  for (PrefillJob& job : left) {
+    job.sink->OnFinish(absl::UnavailableError("prefill server is shutting down"));
+  }
+}
+
+void PrefillEngine::WaitForDrain() {
+  for (;;) {
+    int64_t buffered = 0;
+    std::erase_if(draining_, [&buffered](const std::weak_ptr<PrefillSink>& w) {
+      auto sink = w.lock();
+      const int64_t b = sink == nullptr ? 0 : sink->buffered_bytes();
+      buffered += b;
+      return b == 0;
+    });
+    if (buffered <= options_.max_buffered_bytes) return;
+    // Slow callers: poll until they drain (or the engine stops).
+    absl::MutexLock lock(&mu_);
+    if (mu_.AwaitWithTimeout(absl::Condition(&stopping_), absl::Milliseconds(1))) return;
+  }
+}
+
+void PrefillEngine::Run(PrefillJob& job) {
+  PrefillSink& sink = *job.sink;
+  const Clock::time_point start = Clock::now();
+  const int32_t n = static_cast<int32_t>(job.token_ids.size());
+  int64_t bytes = 0;
+  Clock::duration compute{};
+
+  auto finish = [&](const absl::Status& status) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (status.ok()) {
+        ++n_completed_;
+      } else if (absl::IsCancelled(status)) {
+        ++n_cancelled_;
+      } else {
+        ++n_failed_;
+      }
+    }
+    sink.OnFinish(status);
+    draining_.push_back(job.sink);
+    if (options_.log_requests) {
+      std::fprintf(stderr,
+                   "prefill: %d prompt tokens, queue %.2f ms, compute %.2f ms, %lld bytes, %s\n", n,
+                   Millis(start - job.arrival), Millis(compute), static_cast<long long>(bytes),
+                   status.ok() ? "OK" : status.ToString().c_str());
+    }
+  };
+
+  if (sink.cancelled()) return finish(absl::CancelledError("cancelled while queued"));
+
+  kv::SequenceKv seq(pool_.get());
+  if (absl::Status st = seq.Reserve(n); !st.ok()) return finish(st);
+  sink.OnHeader(
+      kv::MakeKvHeader(model_->fingerprint(), pool_->shape(), job.kv_dtype, job.token_ids));
+
+  const uint32_t chunk_bytes = job.max_chunk_bytes == 0
+                                   ? options_.max_chunk_bytes
+                                   : std::min(job.max_chunk_bytes, options_.max_chunk_bytes);
+  absl::Status encode_status;
+  model::ForwardHooks hooks;
+  hooks.on_layer_kv = [&](int32_t layer) {
+    if (sink.cancelled()) return false;
+    // Every prompt position's K/V of this layer is in seq's blocks now (the pass advances
+    // seq.n_tokens() only at its end; the encoder reads up to the capacity).
+    std::vector<v1::KvChunk> chunks;
+    encode_status = kv::EncodeLayer(seq, layer, 0, n, job.kv_dtype, chunk_bytes, &chunks);
+    if (!encode_status.ok()) return false;
+    for (v1::KvChunk& chunk : chunks) {
+      bytes += static_cast<int64_t>(chunk.ByteSizeLong());
+      sink.OnChunk(std::move(chunk));
+    }
+    if (options_.after_layer_for_test) options_.after_layer_for_test(layer, sink);
+    return true;
+  };
+
+  std::vector<float> logits;
+  const model::BatchItem item{job.token_ids, &seq, /*all_logits=*/false};
+  const Clock::time_point compute_begin = Clock::now();
+  absl::Status st = model_->Forward({&item, 1}, &logits, &hooks);
+  compute = Clock::now() - compute_begin;
+  seq.Release();
+  if (!encode_status.ok()) {
+    return finish(absl::InternalError(absl::StrCat("encoding K/V: ", encode_status.message())));
+  }
+  if (!st.ok()) {
+    return finish(sink.cancelled() ? absl::CancelledError("cancelled during the forward pass")
+                                   : st);
+  }
+
+  v1::KvResult result;
+  result.mutable_logits()->Add(logits.begin(), logits.end());
+  result.set_n_prompt_tokens(static_cast<uint32_t>(n));
+  v1::PrefillTimings* t = result.mutable_timings();
+  t->set_queue_ns(static_cast<uint64_t>(Nanos(start - job.arrival)));
+  t->set_compute_ns(static_cast<uint64_t>(Nanos(compute)));
+  t->set_total_ns(static_cast<uint64_t>(Nanos(Clock::now() - job.arrival)));
+  bytes += static_cast<int64_t>(result.ByteSizeLong());
+  sink.OnResult(std::move(result));
+  finish(absl::OkStatus());
+}
+
+}  // namespace duet::prefill

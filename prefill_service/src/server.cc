@@ -1,0 +1,63 @@
+#include "duet/prefill/server.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "duet/model/model.h"
+#include "duet/prefill/service.h"
+
+namespace duet::prefill {
+
+absl::StatusOr<std::unique_ptr<PrefillServer>> PrefillServer::Start(const ServerOptions& options) {
+  auto model = model::Model::Load(options.model_dir, {options.precision});
+  if (!model.ok()) return model.status();
+  auto engine = PrefillEngine::Create(std::move(*model), options.engine);
+  if (!engine.ok()) return engine.status();
+
+  std::unique_ptr<PrefillServer> s(new PrefillServer());
+  s->model_name_ = options.model_name;
+  if (s->model_name_.empty()) {
+    // A trailing slash leaves an empty filename; use the directory's own name then.
+    const std::filesystem::path dir = options.model_dir.lexically_normal();
+    s->model_name_ =
+        dir.has_filename() ? dir.filename().string() : dir.parent_path().filename().string();
+  }
+  s->engine_ = std::move(*engine);
+  s->service_ = std::make_unique<PrefillServiceImpl>(s->engine_.get(), s->model_name_);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &s->port_);
+  builder.RegisterService(s->service_.get());
+  s->server_ = builder.BuildAndStart();
+  if (s->server_ == nullptr || s->port_ == 0) {
+    s->server_.reset();
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
+  }
+  s->server_->GetHealthCheckService()->SetServingStatus(true);
+  const size_t colon = options.listen.rfind(':');
+  s->address_ = absl::StrCat(options.listen.substr(0, colon), ":", s->port_);
+  return s;
+}
+
+PrefillServer::~PrefillServer() { Shutdown(std::chrono::milliseconds(0)); }
+
+void PrefillServer::Shutdown(std::chrono::milliseconds grace) {
+  if (shut_down_) return;
+  shut_down_ = true;
+  if (server_ != nullptr) {
+    server_->GetHealthCheckService()->SetServingStatus(false);
+    // Returns once every call is done: those in flight get `grace`, then are cancelled (their
+    // jobs see the cancellation and stop at the next layer).
+    server_->Shutdown(std::chrono::system_clock::now() + grace);
+  }
+  if (engine_ != nullptr) engine_->Stop();
+  if (server_ != nullptr) server_->Wait();
+}
+
+}  // namespace duet::prefill
