@@ -2,6 +2,8 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "duet/kv/codec.h"
 
@@ -69,6 +71,15 @@ absl::StatusOr<RemotePrefillResult> PrefillClient::Prefill(
           st = absl::DataLossError(absl::StrCat("prefill returned K/V for ",
                                                 msg.header().n_tokens(), " tokens, asked for ",
                                                 tokens.size()));
+        } else if (auto [want, got] = std::mismatch(tokens.begin(), tokens.end(),
+                                                     msg.header().token_ids().begin(),
+                                                     msg.header().token_ids().end());
+                   want != tokens.end() || got != msg.header().token_ids().end()) {
+          const auto at = want - tokens.begin();
+          st = absl::DataLossError(absl::StrCat(
+              "prefill returned K/V of other tokens than asked for: token ", at, " is ",
+              got != msg.header().token_ids().end() ? absl::StrCat(*got) : std::string("missing"),
+              ", asked for ", want != tokens.end() ? absl::StrCat(*want) : std::string("none")));
         } else {
           st = decoder.OnHeader(msg.header(), dest);
         }
