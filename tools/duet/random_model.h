@@ -11,8 +11,8 @@
 namespace duet::cli {
 
 struct ModelShape {
-  std::string name;        // "gpt2-124m" or "tinyllama-1.1b"
-  nlohmann::json config;   // its config.json
+  std::string name;       // "gpt2-124m" or "tinyllama-1.1b"
+  nlohmann::json config;  // its config.json
 };
 
 // "gpt2-124m"; any other name gives "tinyllama-1.1b".
