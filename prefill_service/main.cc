@@ -1,6 +1,6 @@
 // duet-prefill: serves duet.v1.PrefillService (see flags.h for the configuration).
 // Prints "duet-prefill listening on HOST:PORT" on stdout once it serves; SIGTERM or SIGINT set
-// health NOT_SERVING, let running streams finish for a few seconds, and exit 0.
+// health NOT_SERVING, let running streams finish for --drain-s seconds, and exit 0.
 // Anything that stops it from starting (a bad flag, a model that does not load, an address that
 // cannot be bound) exits 2 with one line on stderr.
 #include <pthread.h>
@@ -44,6 +44,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   std::printf("duet-prefill listening on %s\n", (*server)->address().c_str());
+  if (const std::string m = (*server)->metrics_address(); !m.empty())
+    std::printf("duet-prefill metrics on http://%s/metrics\n", m.c_str());
   std::fflush(stdout);
   std::fprintf(stderr, "duet-prefill: model %s (%s), max context %d, max queue %d\n",
                (*server)->model_name().c_str(), (*server)->engine().model().fingerprint().c_str(),
@@ -52,7 +54,7 @@ int main(int argc, char** argv) {
   int sig = 0;
   sigwait(&signals, &sig);
   std::fprintf(stderr, "duet-prefill: %s, shutting down\n", strsignal(sig));
-  (*server)->Shutdown(std::chrono::seconds(5));
+  (*server)->Shutdown(flags->drain);
   server->reset();
   return 0;
 }

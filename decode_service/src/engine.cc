@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include <prometheus/histogram.h>
+
 #include "absl/strings/str_cat.h"
 
 namespace duet::decode {
@@ -20,8 +22,9 @@ struct DecodeEngine::Running {
   bool done = false;
 };
 
-DecodeEngine::DecodeEngine(model::Model* model, const tokenizer::Tokenizer* tok, int32_t max_batch)
-    : model_(model), tok_(tok), max_batch_(std::max(1, max_batch)) {}
+DecodeEngine::DecodeEngine(model::Model* model, const tokenizer::Tokenizer* tok, int32_t max_batch,
+                           metrics::DecodeMetrics* metrics)
+    : model_(model), tok_(tok), max_batch_(std::max(1, max_batch)), metrics_(metrics) {}
 
 DecodeEngine::~DecodeEngine() { Stop(); }
 
@@ -37,6 +40,7 @@ void DecodeEngine::Stop() {
 }
 
 void DecodeEngine::Submit(SequenceStart start) {
+  start.submitted = std::chrono::steady_clock::now();
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!stop_) {
@@ -74,6 +78,12 @@ void DecodeEngine::Loop() {
       if (stop_) break;
       // Sequences join between steps, up to the batch bound; the rest wait in order.
       while (!inbox_.empty() && static_cast<int32_t>(active.size()) < max_batch_) {
+        if (metrics_ != nullptr) {
+          metrics_->queue_time.Observe(std::chrono::duration<double>(
+                                           std::chrono::steady_clock::now() -
+                                           inbox_.front().submitted)
+                                           .count());
+        }
         active.push_back(std::make_unique<Running>(std::move(inbox_.front()), *tok_));
         inbox_.pop_front();
       }
@@ -96,6 +106,8 @@ void DecodeEngine::Loop() {
       items.push_back({std::span<const int32_t>(s.tokens).subspan(from), &s.kv, false});
       forwarded.push_back(r.get());
     }
+    if (metrics_ != nullptr && !active.empty())
+      metrics_->batch_size.Observe(static_cast<double>(active.size()));
     if (!items.empty()) {
       const absl::Status st = model_->Forward(items, &logits);
       if (!st.ok()) {

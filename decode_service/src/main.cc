@@ -13,6 +13,8 @@
 #include <thread>
 
 #include "duet/decode/service.h"
+#include "duet/metrics/metrics.h"
+#include "duet/metrics/server_metrics.h"
 #include "duet/kernels/threads.h"
 
 namespace {
@@ -40,6 +42,8 @@ std::map<std::string, Flag> DefaultFlags() {
       {"kv-dtype", {"DUET_KV_DTYPE", "bf16", "K/V wire dtype: f32, bf16, int8"}},
       {"max-pending", {"DUET_MAX_PENDING", "256", "requests admitted or running before RESOURCE_EXHAUSTED"}},
       {"drain-s", {"DUET_DRAIN_S", "20", "seconds running streams get to finish on SIGTERM"}},
+      {"metrics-listen", {"DUET_METRICS_LISTEN", "127.0.0.1:9401", "Prometheus /metrics HTTP address (HOST:PORT, port 0 = free port; off = none)"}},
+      {"model-name", {"DUET_MODEL_NAME", "", "model_name label of the metrics (default: the model directory's name)"}},
   };
 }
 
@@ -116,6 +120,14 @@ int main(int argc, char** argv) {
     Die("--kv-dtype must be f32, bf16 or int8, got \"" + kvd + "\"");
   }
   const long drain_s = ToInt(flags, "drain-s", 0, 3600);
+  auto metrics_listen = duet::metrics::ParseListen(flags["metrics-listen"].value, "--metrics-listen");
+  if (!metrics_listen.ok()) Die(std::string(metrics_listen.status().message()));
+  std::string model_name = flags["model-name"].value;
+  if (model_name.empty()) {
+    model_name = std::filesystem::path(flags["model"].value).lexically_normal().filename().string();
+    if (model_name.empty())
+      model_name = std::filesystem::path(flags["model"].value).lexically_normal().parent_path().filename().string();
+  }
 
   auto model = duet::model::Model::Load(
       flags["model"].value,
@@ -130,7 +142,17 @@ int main(int argc, char** argv) {
       blocks_flag > 0 ? blocks_flag
                       : std::max<long>(1, (mb << 20) / (shape.floats_per_block() * 4)));
 
+  duet::metrics::Registry registry(model_name, "decode");
+  duet::metrics::DecodeMetrics metrics(registry);
+  opts.metrics = &metrics;
   duet::decode::DecodeServiceImpl service(model->get(), tok->get(), opts);
+  registry.SetRefresh([&service] { service.RefreshMetrics(); });
+  std::unique_ptr<duet::metrics::HttpExposer> exposer;
+  if (!metrics_listen->empty()) {
+    auto e = duet::metrics::HttpExposer::Start(*metrics_listen, registry);
+    if (!e.ok()) Die(std::string(e.status().message()));
+    exposer = std::move(*e);
+  }
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -142,6 +164,7 @@ int main(int argc, char** argv) {
   server->GetHealthCheckService()->SetServingStatus(true);
   const std::string listen = flags["listen"].value;
   std::printf("duet-decode listening on %s:%d\n", listen.substr(0, listen.rfind(':')).c_str(), port);
+  if (exposer) std::printf("duet-decode metrics on http://%s/metrics\n", exposer->address().c_str());
   std::fflush(stdout);
   std::fprintf(stderr,
                "duet-decode: model %s (fingerprint %s), %d K/V blocks of %d tokens, prefill %s\n",
@@ -159,6 +182,7 @@ int main(int argc, char** argv) {
   while (service.in_flight() > 0 && std::chrono::steady_clock::now() < until)
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  exposer.reset();  // its scrape callback reads the service
   service.Shutdown();
   std::fprintf(stderr, "duet-decode: stopped\n");
   return 0;

@@ -1,6 +1,9 @@
 #include "duet/decode/service.h"
 
 #include <grpcpp/grpcpp.h>
+#include <prometheus/counter.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
 
 #include <cmath>
 #include <deque>
@@ -73,6 +76,10 @@ struct DecodeServiceImpl::Stream {
   bool client_gone = false;
   grpc::Status final_status;
   std::shared_ptr<SequenceSink> sink = std::make_shared<SequenceSink>();
+  // Metrics (may be null). Finish records the request's end; ok_reason is set before an OK end.
+  metrics::DecodeMetrics* metrics = nullptr;
+  std::chrono::steady_clock::time_point arrival = std::chrono::steady_clock::now();
+  const char* ok_reason = metrics::kReasonStop;
 
   void Push(v1::GenerateResponse m);
   void Finish(grpc::Status s);
@@ -110,6 +117,13 @@ void DecodeServiceImpl::Stream::Finish(grpc::Status s) {
   std::lock_guard<std::recursive_mutex> lock(mu);
   if (finished) return;
   finished = true;
+  if (metrics != nullptr) {
+    metrics->Finished(static_cast<int>(s.error_code()), ok_reason);
+    if (s.ok()) {
+      metrics->e2e.Observe(
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - arrival).count());
+    }
+  }
   if (reactor == nullptr) return;
   if (writing) {
     finish_pending = true;
@@ -146,7 +160,7 @@ DecodeServiceImpl::DecodeServiceImpl(model::Model* model, const tokenizer::Token
       pool_(std::move(*kv::BlockPool::Create(model->kv_shape(opts_.block_size), opts_.kv_blocks))),
       sessions_(pool_.get(), opts_.session_ttl),
       prefill_(opts_.prefill_target, model->fingerprint(), model->kv_shape(opts_.block_size)),
-      engine_(model, tok, opts_.max_batch) {
+      engine_(model, tok, opts_.max_batch, opts_.metrics) {
   engine_.Start();
   reaper_ = std::thread([this] {
     while (!stop_reaper_.load()) {
@@ -169,6 +183,7 @@ void DecodeServiceImpl::Shutdown() {
 grpc::ServerWriteReactor<v1::GenerateResponse>* DecodeServiceImpl::Generate(
     grpc::CallbackServerContext* ctx, const v1::GenerateRequest* req) {
   auto stream = std::make_shared<Stream>();
+  stream->metrics = opts_.metrics;
   auto* reactor = new GenerateReactor(stream);
   if (draining_.load()) {
     stream->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "decode server is shutting down"));
@@ -192,7 +207,8 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* DecodeServiceImpl::Generate(
 
 void DecodeServiceImpl::Admit(std::shared_ptr<Stream> stream, v1::GenerateRequest req,
                               std::chrono::system_clock::time_point deadline) {
-  const auto arrival = std::chrono::steady_clock::now();
+  const auto arrival = stream->arrival;
+  metrics::DecodeMetrics* const m = opts_.metrics;
   const model::ModelConfig& cfg = model_->config();
   auto fail = [&](const absl::Status& s) {
     stream->Finish(ToGrpc(s));
@@ -302,6 +318,10 @@ void DecodeServiceImpl::Admit(std::shared_ptr<Stream> stream, v1::GenerateReques
                               &stream->sink->cancelled);
     if (!r.ok()) return rollback(r.status(), stream.get());
     kv_bytes = r->kv_bytes;
+    if (m != nullptr) {
+      m->kv_transfer.Observe(r->transfer_s);
+      m->kv_transfer_bytes.Increment(static_cast<double>(r->kv_bytes));
+    }
     start.logits = std::move(r->logits);
     if (static_cast<int32_t>(start.logits.size()) != cfg.n_vocab) {
       return rollback(absl::DataLossError(absl::StrCat("prefill sent ", start.logits.size(),
@@ -309,26 +329,34 @@ void DecodeServiceImpl::Admit(std::shared_ptr<Stream> stream, v1::GenerateReques
                       stream.get());
     }
   }
-  session->state = SessionState::kDecoding;
+  sessions_.MarkDecoding(session);
+  if (m != nullptr) m->prompt_tokens.Increment(static_cast<double>(local ? new_len - cached : new_len));
 
   // Hand the sequence to the engine; from here on, its callbacks drive the stream.
   struct TurnState {
     bool first = true;
     std::chrono::steady_clock::time_point first_token;
+    std::chrono::steady_clock::time_point last_token;
     int64_t ttft_ns = 0;
   };
   auto ts = std::make_shared<TurnState>();
   const std::string sid = session->persistent ? session->id : std::string();
   const uint32_t prompt_tokens = static_cast<uint32_t>(local ? new_len - cached : new_len);
   Stream* sp_raw = stream.get();
-  stream->sink->on_token = [stream, ts, sid, arrival](TokenEvent ev) {
+  stream->sink->on_token = [stream, ts, sid, arrival, metrics = m](TokenEvent ev) {
     v1::GenerateResponse m;
+    const auto now = std::chrono::steady_clock::now();
     if (ts->first) {
       m.set_session_id(sid);
       ts->first = false;
-      ts->first_token = std::chrono::steady_clock::now();
+      ts->first_token = now;
       ts->ttft_ns = NsSince(arrival);
+      if (metrics != nullptr) metrics->ttft.Observe(std::chrono::duration<double>(now - arrival).count());
+    } else if (metrics != nullptr) {
+      metrics->inter_token.Observe(std::chrono::duration<double>(now - ts->last_token).count());
     }
+    ts->last_token = now;
+    if (metrics != nullptr) metrics->generation_tokens.Increment(static_cast<double>(ev.token_ids.size()));
     m.set_text(std::move(ev.text));
     m.mutable_token_ids()->Add(ev.token_ids.begin(), ev.token_ids.end());
     stream->Push(std::move(m));
@@ -346,6 +374,8 @@ void DecodeServiceImpl::Admit(std::shared_ptr<Stream> stream, v1::GenerateReques
     sum->set_kv_transfer_bytes(static_cast<uint64_t>(kv_bytes));
     sum->set_prefilled_locally(local);
     stream->Push(std::move(m));
+    stream->ok_reason = ev.reason == sampling::FinishReason::kMaxTokens ? metrics::kReasonLength
+                                                                        : metrics::kReasonStop;
     sessions_.Release(session);
     stream->Finish(grpc::Status::OK);
     in_flight_.fetch_sub(1);
@@ -355,6 +385,26 @@ void DecodeServiceImpl::Admit(std::shared_ptr<Stream> stream, v1::GenerateReques
   start.sampling = sp;
   start.stop = stop;
   engine_.Submit(std::move(start));
+}
+
+void DecodeServiceImpl::RefreshMetrics() {
+  metrics::DecodeMetrics* const m = opts_.metrics;
+  if (m == nullptr) return;
+  const auto n = sessions_.CountByState();
+  m->sessions_prefilling.Set(n.prefilling);
+  m->sessions_decoding.Set(n.decoding);
+  m->sessions_idle.Set(n.idle);
+  const int32_t running = engine_.running();
+  m->running.Set(running);
+  m->waiting.Set(std::max(0, in_flight_.load() - running));
+  const int32_t total = pool_->n_blocks();
+  m->kv_cache_usage.Set(total > 0 ? 1.0 - static_cast<double>(pool_->n_free()) / total : 0.0);
+  std::lock_guard<std::mutex> lock(metrics_mu_);
+  const int64_t ev = sessions_.evictions();
+  if (ev > evictions_reported_) {
+    m->evictions.Increment(static_cast<double>(ev - evictions_reported_));
+    evictions_reported_ = ev;
+  }
 }
 
 grpc::ServerUnaryReactor* DecodeServiceImpl::GetSession(grpc::CallbackServerContext* ctx,

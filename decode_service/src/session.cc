@@ -65,6 +65,22 @@ absl::StatusOr<std::shared_ptr<Session>> SessionManager::Acquire(const std::stri
   return s;
 }
 
+void SessionManager::MarkDecoding(const std::shared_ptr<Session>& s) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (s->state == SessionState::kPrefilling) s->state = SessionState::kDecoding;
+}
+
+SessionManager::StateCounts SessionManager::CountByState() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  StateCounts n;
+  for (const auto& [id, s] : sessions_) {
+    if (s->state == SessionState::kPrefilling) ++n.prefilling;
+    if (s->state == SessionState::kDecoding) ++n.decoding;
+    if (s->state == SessionState::kIdle || s->state == SessionState::kEvicted) ++n.idle;
+  }
+  return n;
+}
+
 void SessionManager::Release(const std::shared_ptr<Session>& s) {
   std::lock_guard<std::mutex> lock(mu_);
   s->last_used = std::chrono::steady_clock::now();

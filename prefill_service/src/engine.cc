@@ -1,5 +1,8 @@
 #include "duet/prefill/engine.h"
 
+#include <prometheus/counter.h>
+#include <prometheus/histogram.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <utility>
@@ -209,6 +212,11 @@ void PrefillEngine::Run(PrefillJob& job) {
       } else {
         ++n_failed_;
       }
+    }
+    if (status.ok() && options_.metrics != nullptr) {
+      options_.metrics->queue_time.Observe(std::chrono::duration<double>(start - job.arrival).count());
+      options_.metrics->compute.Observe(std::chrono::duration<double>(compute).count());
+      options_.metrics->tokens.Increment(n);
     }
     sink.OnFinish(status);
     draining_.push_back(job.sink);

@@ -1,5 +1,7 @@
 #include "duet/prefill/flags.h"
 
+#include "duet/metrics/metrics.h"
+
 #include <charconv>
 #include <cstdint>
 #include <filesystem>
@@ -28,6 +30,8 @@ constexpr FlagSpec kFlags[] = {
     {"block-size", "DUET_BLOCK_SIZE"},
     {"max-chunk-bytes", "DUET_MAX_CHUNK_BYTES"},
     {"max-context", "DUET_MAX_CONTEXT"},
+    {"metrics-listen", "DUET_METRICS_LISTEN"},
+    {"drain-s", "DUET_DRAIN_S"},
 };
 
 // One setting's value and where it came from ("--flag" or "ENV"), for error messages.
@@ -53,9 +57,14 @@ std::string Usage() {
   return "usage: duet-prefill --model DIR [--listen HOST:PORT] [--threads N] [--max-queue N]\n"
          "                    [--precision bf16|f32] [--model-name NAME] [--block-size N]\n"
          "                    [--max-chunk-bytes N] [--max-context N]\n"
+         "                    [--metrics-listen HOST:PORT|off] [--drain-s N]\n"
+         "  --metrics-listen  Prometheus /metrics over HTTP (default 127.0.0.1:9402; port 0 picks\n"
+         "                    a free port; off: none)\n"
+         "  --drain-s         on SIGTERM, seconds running streams get to finish (default 20)\n"
          "Every flag has an environment twin: DUET_MODEL, DUET_LISTEN, DUET_THREADS,\n"
          "DUET_MAX_QUEUE, DUET_PRECISION, DUET_MODEL_NAME, DUET_BLOCK_SIZE,\n"
-         "DUET_MAX_CHUNK_BYTES, DUET_MAX_CONTEXT (a flag wins over its variable).\n";
+         "DUET_MAX_CHUNK_BYTES, DUET_MAX_CONTEXT, DUET_METRICS_LISTEN, DUET_DRAIN_S\n"
+         "(a flag wins over its variable).\n";
 }
 
 absl::StatusOr<PrefillFlags> ParseFlags(int argc, const char* const* argv, const GetEnv& getenv) {
@@ -155,6 +164,17 @@ absl::StatusOr<PrefillFlags> ParseFlags(int argc, const char* const* argv, const
     auto n = ParseInt(*v, 1, int64_t{1} << 30);
     if (!n.ok()) return n.status();
     s.engine.max_context = static_cast<int32_t>(*n);
+  }
+  s.metrics_listen = "127.0.0.1:9402";
+  if (const Value* v = get("metrics-listen")) {
+    auto m = metrics::ParseListen(v->text, v->source);
+    if (!m.ok()) return m.status();
+    s.metrics_listen = *m;
+  }
+  if (const Value* v = get("drain-s")) {
+    auto n = ParseInt(*v, 0, 3600);
+    if (!n.ok()) return n.status();
+    out.drain = std::chrono::seconds(*n);
   }
   return out;
 }

@@ -13,11 +13,6 @@
 namespace duet::prefill {
 
 absl::StatusOr<std::unique_ptr<PrefillServer>> PrefillServer::Start(const ServerOptions& options) {
-  auto model = model::Model::Load(options.model_dir, {options.precision});
-  if (!model.ok()) return model.status();
-  auto engine = PrefillEngine::Create(std::move(*model), options.engine);
-  if (!engine.ok()) return engine.status();
-
   std::unique_ptr<PrefillServer> s(new PrefillServer());
   s->model_name_ = options.model_name;
   if (s->model_name_.empty()) {
@@ -26,8 +21,23 @@ absl::StatusOr<std::unique_ptr<PrefillServer>> PrefillServer::Start(const Server
     s->model_name_ =
         dir.has_filename() ? dir.filename().string() : dir.parent_path().filename().string();
   }
+  s->registry_ = std::make_unique<metrics::Registry>(s->model_name_, "prefill");
+  s->metrics_ = std::make_unique<metrics::PrefillMetrics>(*s->registry_);
+
+  auto model = model::Model::Load(options.model_dir, {options.precision});
+  if (!model.ok()) return model.status();
+  EngineOptions engine_options = options.engine;
+  engine_options.metrics = s->metrics_.get();
+  auto engine = PrefillEngine::Create(std::move(*model), engine_options);
+  if (!engine.ok()) return engine.status();
   s->engine_ = std::move(*engine);
-  s->service_ = std::make_unique<PrefillServiceImpl>(s->engine_.get(), s->model_name_);
+  s->service_ =
+      std::make_unique<PrefillServiceImpl>(s->engine_.get(), s->model_name_, s->metrics_.get());
+  s->registry_->SetRefresh([m = s->metrics_.get(), e = s->engine_.get()] {
+    const EngineStats st = e->stats();
+    m->running.Set(st.running ? 1 : 0);
+    m->waiting.Set(st.queued);
+  });
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -39,11 +49,22 @@ absl::StatusOr<std::unique_ptr<PrefillServer>> PrefillServer::Start(const Server
     s->server_.reset();
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen));
   }
+  if (!options.metrics_listen.empty()) {
+    auto e = metrics::HttpExposer::Start(options.metrics_listen, *s->registry_);
+    if (!e.ok()) return e.status();
+    s->exposer_ = std::move(*e);
+  }
   s->server_->GetHealthCheckService()->SetServingStatus(true);
   const size_t colon = options.listen.rfind(':');
   s->address_ = absl::StrCat(options.listen.substr(0, colon), ":", s->port_);
   return s;
 }
+
+std::string PrefillServer::metrics_address() const {
+  return exposer_ ? exposer_->address() : std::string();
+}
+
+std::string PrefillServer::metrics_text() const { return registry_->Text(); }
 
 PrefillServer::~PrefillServer() { Shutdown(std::chrono::milliseconds(0)); }
 

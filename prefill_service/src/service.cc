@@ -27,7 +27,8 @@ grpc::Status ToGrpc(const absl::Status& s) {
 // reactor, so the reactor is never used after Finish (after which it may be deleted).
 class PrefillCall final : public PrefillSink {
  public:
-  explicit PrefillCall(Reactor* reactor) : reactor_(reactor) {}
+  PrefillCall(Reactor* reactor, metrics::PrefillMetrics* metrics)
+      : reactor_(reactor), metrics_(metrics) {}
 
   // PrefillSink: engine thread.
   bool cancelled() const override { return cancelled_.load(std::memory_order_acquire); }
@@ -114,11 +115,14 @@ class PrefillCall final : public PrefillSink {
     if (action == Action::kWrite) {
       reactor_->StartWrite(&in_flight_);
     } else if (action == Action::kFinish) {
+      if (!final_status.ok() && metrics_ != nullptr)
+        metrics_->Error(static_cast<int>(final_status.error_code()));
       reactor_->Finish(final_status);
     }
   }
 
   Reactor* const reactor_;  // not to be used once finished_ is set
+  metrics::PrefillMetrics* const metrics_;
   std::atomic<bool> cancelled_{false};
   mutable absl::Mutex mu_;
   std::deque<v1::PrefillResponse> outbox_ ABSL_GUARDED_BY(mu_);
@@ -133,7 +137,8 @@ class PrefillCall final : public PrefillSink {
 
 class PrefillReactor final : public Reactor {
  public:
-  PrefillReactor() : call_(std::make_shared<PrefillCall>(this)) {}
+  explicit PrefillReactor(metrics::PrefillMetrics* metrics)
+      : call_(std::make_shared<PrefillCall>(this, metrics)) {}
 
   const std::shared_ptr<PrefillCall>& call() const { return call_; }
 
@@ -147,12 +152,13 @@ class PrefillReactor final : public Reactor {
 
 }  // namespace
 
-PrefillServiceImpl::PrefillServiceImpl(PrefillEngine* engine, std::string model_name)
-    : engine_(engine), model_name_(std::move(model_name)) {}
+PrefillServiceImpl::PrefillServiceImpl(PrefillEngine* engine, std::string model_name,
+                                       metrics::PrefillMetrics* metrics)
+    : engine_(engine), model_name_(std::move(model_name)), metrics_(metrics) {}
 
 grpc::ServerWriteReactor<v1::PrefillResponse>* PrefillServiceImpl::Prefill(
     grpc::CallbackServerContext* /*context*/, const v1::PrefillRequest* request) {
-  auto* reactor = new PrefillReactor();
+  auto* reactor = new PrefillReactor(metrics_);
   PrefillJob job;
   job.token_ids.assign(request->token_ids().begin(), request->token_ids().end());
   job.kv_dtype = request->kv_dtype();

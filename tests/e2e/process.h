@@ -20,6 +20,14 @@ namespace duet::testing {
 class ServerProcess {
  public:
   ServerProcess(const std::string& binary, std::vector<std::string> args) {
+    // Servers serve /metrics on a fixed default port; tests run in parallel, so give each a
+    // free one unless the test chose.
+    bool metrics_flag = false;
+    for (const auto& a : args) metrics_flag = metrics_flag || a.rfind("--metrics-listen", 0) == 0;
+    if (!metrics_flag) {
+      args.push_back("--metrics-listen");
+      args.push_back("127.0.0.1:0");
+    }
     int out[2];
     if (pipe(out) != 0) throw std::runtime_error("pipe");
     pid_ = fork();

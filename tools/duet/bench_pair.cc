@@ -454,13 +454,15 @@ int BenchPairMain(int argc, char** argv) {
     std::fprintf(stderr, "starting %s\n", prefill_bin.c_str());
     auto prefill = ChildServer::Start(
         "duet-prefill", prefill_bin,
-        {"--model", model_dir.string(), "--listen", "127.0.0.1:0", "--threads", threads_s},
+        {"--model", model_dir.string(), "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+         "--threads", threads_s},
         workdir / "duet-prefill.log", 120);
     if (!prefill.ok()) return Fail(prefill.status());
     std::fprintf(stderr, "starting %s\n", decode_bin.c_str());
     auto decode = ChildServer::Start(
         "duet-decode", decode_bin,
-        {"--model", model_dir.string(), "--listen", "127.0.0.1:0", "--threads", threads_s,
+        {"--model", model_dir.string(), "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+         "--threads", threads_s,
          "--prefill", (*prefill)->address(), "--kv-dtype", "bf16", "--kv-cache-mb", "256"},
         workdir / "duet-decode.log", 120);
     if (!decode.ok()) return Fail(decode.status());

@@ -17,6 +17,7 @@
 
 #include "absl/status/status.h"
 #include "duet/decode/session.h"
+#include "duet/metrics/server_metrics.h"
 #include "duet/model/model.h"
 #include "duet/sampling/sampler.h"
 #include "duet/sampling/stop.h"
@@ -53,11 +54,14 @@ struct SequenceStart {
   std::vector<float> logits;  // the last position's logits, when prefilled remotely
   sampling::SamplingParams sampling;
   sampling::StopParams stop;
+  std::chrono::steady_clock::time_point submitted;  // set by Submit (queue time)
 };
 
 class DecodeEngine {
  public:
-  DecodeEngine(model::Model* model, const tokenizer::Tokenizer* tok, int32_t max_batch);
+  // metrics may be null; else it outlives the engine (queue time, batch size).
+  DecodeEngine(model::Model* model, const tokenizer::Tokenizer* tok, int32_t max_batch,
+               metrics::DecodeMetrics* metrics = nullptr);
   ~DecodeEngine();
 
   void Start();
@@ -77,6 +81,7 @@ class DecodeEngine {
   model::Model* model_;
   const tokenizer::Tokenizer* tok_;
   const int32_t max_batch_;
+  metrics::DecodeMetrics* const metrics_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::deque<SequenceStart> inbox_;

@@ -7,12 +7,14 @@
 #include <atomic>
 #include <chrono>
 #include <memory>
+#include <mutex>
 #include <string>
 
 #include "duet/decode/engine.h"
 #include "duet/decode/prefill_client.h"
 #include "duet/decode/session.h"
 #include "duet/kv/block_pool.h"
+#include "duet/metrics/server_metrics.h"
 #include "duet/model/model.h"
 #include "duet/tokenizer/tokenizer.h"
 #include "duet/v1/decode.grpc.pb.h"
@@ -29,6 +31,7 @@ struct DecodeOptions {
   std::chrono::milliseconds prefill_timeout{30000};
   v1::KvDtype kv_dtype = v1::KV_DTYPE_BF16;  // wire dtype asked of prefill
   int32_t max_pending = 256;              // requests being admitted or queued
+  metrics::DecodeMetrics* metrics = nullptr;  // optional; outlives the service
 };
 
 class DecodeServiceImpl final : public v1::DecodeService::CallbackService {
@@ -57,6 +60,9 @@ class DecodeServiceImpl final : public v1::DecodeService::CallbackService {
   kv::BlockPool& pool() { return *pool_; }
   // Stops the engine (running streams end UNAVAILABLE) and waits for admission threads.
   void Shutdown();
+  // Sets the state gauges of opts.metrics (sessions by state, running, waiting, K/V usage) and
+  // brings the eviction counter up to date. Called at scrape time; any thread.
+  void RefreshMetrics();
 
  private:
   class GenerateReactor;
@@ -76,6 +82,8 @@ class DecodeServiceImpl final : public v1::DecodeService::CallbackService {
   std::atomic<int32_t> admitting_{0};
   std::atomic<bool> stop_reaper_{false};
   std::thread reaper_;
+  std::mutex metrics_mu_;
+  int64_t evictions_reported_ = 0;  // guarded by metrics_mu_
 };
 
 }  // namespace duet::decode

@@ -23,7 +23,7 @@ struct Session {
   explicit Session(std::string id, kv::BlockPool* pool) : id(std::move(id)), kv(pool) {}
   const std::string id;
   bool persistent = false;  // kept after the turn (open_session), else dropped when done
-  // Guarded by SessionManager's mutex while idle; owned by the request's threads while busy.
+  // Guarded by SessionManager's mutex, always.
   SessionState state = SessionState::kIdle;
   std::vector<int32_t> tokens;  // the whole conversation
   kv::SequenceKv kv;            // K/V of tokens[0, kv.n_tokens())
@@ -47,6 +47,9 @@ class SessionManager {
   // Takes an idle or evicted session for a turn (state becomes kPrefilling). NOT_FOUND for an
   // unknown or closed id, FAILED_PRECONDITION when it is busy with another turn.
   absl::StatusOr<std::shared_ptr<Session>> Acquire(const std::string& id);
+  // The turn's K/V is in place and it starts decoding (kPrefilling -> kDecoding). A session closed
+  // meanwhile stays closed.
+  void MarkDecoding(const std::shared_ptr<Session>& s);
   // Ends a turn: persistent sessions become idle (K/V kept), others are dropped.
   void Release(const std::shared_ptr<Session>& s);
   // Frees the session's K/V and forgets it. NOT_FOUND if unknown. A busy session is marked
@@ -60,7 +63,11 @@ class SessionManager {
   bool EvictFor(int32_t blocks);
   // Closes idle sessions unused for longer than the TTL; returns how many.
   int ExpireIdle();
-  // Counts for metrics and tests.
+  // Counts for metrics and tests. Idle counts sessions whose K/V was evicted too.
+  struct StateCounts {
+    int32_t prefilling = 0, decoding = 0, idle = 0;
+  };
+  StateCounts CountByState() const;
   int64_t evictions() const;
 
  private:

@@ -23,6 +23,7 @@
 #include "absl/synchronization/mutex.h"
 #include "duet/kv/block_pool.h"
 #include "duet/kv/codec.h"
+#include "duet/metrics/server_metrics.h"
 #include "duet/model/model.h"
 #include "duet/v1/kv.pb.h"
 
@@ -68,6 +69,8 @@ struct EngineOptions {
   // than this many undelivered bytes. The running job itself may buffer its whole K/V.
   int64_t max_buffered_bytes = int64_t{256} << 20;
   bool log_requests = true;  // one line per job on stderr
+  // Optional (outlives the engine): queue and compute time and tokens of every completed job.
+  metrics::PrefillMetrics* metrics = nullptr;
   // Tests only: called on the engine thread after layer `layer`'s chunks went to `sink`.
   std::function<void(int32_t layer, const PrefillSink& sink)> after_layer_for_test;
 };

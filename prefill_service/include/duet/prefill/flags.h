@@ -10,8 +10,11 @@
 //   --block-size N         DUET_BLOCK_SIZE       16 tokens per K/V block
 //   --max-chunk-bytes N    DUET_MAX_CHUNK_BYTES  1 MiB of k+v per chunk message (<= 3 MiB)
 //   --max-context N        DUET_MAX_CONTEXT      the model's; caps the prompt and the K/V pool
+//   --metrics-listen H:P   DUET_METRICS_LISTEN   127.0.0.1:9402; /metrics over HTTP; off = none
+//   --drain-s N            DUET_DRAIN_S          20; SIGTERM grace for running streams
 #pragma once
 
+#include <chrono>
 #include <functional>
 #include <string>
 
@@ -23,6 +26,7 @@ namespace duet::prefill {
 struct PrefillFlags {
   ServerOptions server;
   bool help = false;  // --help / -h: print Usage() and exit 0
+  std::chrono::seconds drain{20};  // --drain-s: SIGTERM grace for running streams
 };
 
 // Reads environment variables through `getenv` (std::getenv in main; a fake in tests).

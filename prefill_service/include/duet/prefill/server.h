@@ -9,6 +9,8 @@
 
 #include "absl/status/statusor.h"
 #include "duet/kernels/linear.h"
+#include "duet/metrics/metrics.h"
+#include "duet/metrics/server_metrics.h"
 #include "duet/prefill/engine.h"
 
 namespace grpc {
@@ -23,6 +25,9 @@ struct ServerOptions {
   std::filesystem::path model_dir;
   std::string model_name;                  // empty: model_dir's last component
   std::string listen = "127.0.0.1:50052";  // host:port; port 0 picks a free one
+  // Prometheus /metrics over HTTP: host:port (port 0 picks a free one); empty: no exposer (the
+  // metrics are still kept, see metrics_text()).
+  std::string metrics_listen;
   kernels::Precision precision = kernels::Precision::kBF16;
   EngineOptions engine;
 };
@@ -41,6 +46,10 @@ class PrefillServer {
   const std::string& address() const { return address_; }
   const std::string& model_name() const { return model_name_; }
   PrefillEngine& engine() { return *engine_; }
+  // host:port of the metrics exposer with its bound port; empty when there is none.
+  std::string metrics_address() const;
+  // The exposition text /metrics serves.
+  std::string metrics_text() const;
 
   // Health NOT_SERVING, no new calls; calls in flight may finish for `grace`, then are cancelled;
   // then the engine stops. Idempotent; any thread but a gRPC callback.
@@ -49,6 +58,8 @@ class PrefillServer {
  private:
   PrefillServer() = default;
 
+  std::unique_ptr<metrics::Registry> registry_;
+  std::unique_ptr<metrics::PrefillMetrics> metrics_;
   std::string model_name_;
   std::string address_;
   int port_ = 0;
@@ -56,6 +67,7 @@ class PrefillServer {
   std::unique_ptr<PrefillEngine> engine_;
   std::unique_ptr<PrefillServiceImpl> service_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<metrics::HttpExposer> exposer_;  // first to go: its callback reads the engine
 };
 
 }  // namespace duet::prefill

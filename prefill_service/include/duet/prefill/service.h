@@ -18,8 +18,10 @@ namespace duet::prefill {
 
 class PrefillServiceImpl final : public v1::PrefillService::CallbackService {
  public:
-  // `engine` must outlive the service and every call it started.
-  PrefillServiceImpl(PrefillEngine* engine, std::string model_name);
+  // `engine` (and `metrics`, which may be null) must outlive the service and every call it
+  // started. Calls that end with an error count in metrics' errors by code.
+  PrefillServiceImpl(PrefillEngine* engine, std::string model_name,
+                     metrics::PrefillMetrics* metrics = nullptr);
 
   grpc::ServerWriteReactor<v1::PrefillResponse>* Prefill(
       grpc::CallbackServerContext* context, const v1::PrefillRequest* request) override;
@@ -30,6 +32,7 @@ class PrefillServiceImpl final : public v1::PrefillService::CallbackService {
  private:
   PrefillEngine* const engine_;
   const std::string model_name_;
+  metrics::PrefillMetrics* const metrics_;
 };
 
 }  // namespace duet::prefill
