@@ -179,7 +179,8 @@ int main(int argc, char** argv) {
   server->GetHealthCheckService()->SetServingStatus(false);
   service.StartDraining();
   const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(drain_s);
-  while (service.in_flight() > 0 && std::chrono::steady_clock::now() < until)
+  while ((service.in_flight() > 0 || service.open_streams() > 0) &&
+         std::chrono::steady_clock::now() < until)
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
   exposer.reset();  // its scrape callback reads the service

@@ -88,7 +88,11 @@ struct DecodeServiceImpl::Stream {
 
 class DecodeServiceImpl::GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
  public:
-  explicit GenerateReactor(std::shared_ptr<Stream> s) : s_(std::move(s)) { s_->reactor = this; }
+  GenerateReactor(std::shared_ptr<Stream> s, std::atomic<int32_t>* open)
+      : s_(std::move(s)), open_(open) {
+    s_->reactor = this;
+    open_->fetch_add(1);
+  }
   void OnWriteDone(bool ok) override { s_->WriteDone(ok); }
   void OnCancel() override { s_->sink->cancelled.store(true); }
   void OnDone() override {
@@ -96,11 +100,13 @@ class DecodeServiceImpl::GenerateReactor : public grpc::ServerWriteReactor<v1::G
       std::lock_guard<std::recursive_mutex> lock(s_->mu);
       s_->reactor = nullptr;
     }
+    open_->fetch_sub(1);
     delete this;
   }
 
  private:
   std::shared_ptr<Stream> s_;
+  std::atomic<int32_t>* const open_;
 };
 
 void DecodeServiceImpl::Stream::Push(v1::GenerateResponse m) {
@@ -184,7 +190,7 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* DecodeServiceImpl::Generate(
     grpc::CallbackServerContext* ctx, const v1::GenerateRequest* req) {
   auto stream = std::make_shared<Stream>();
   stream->metrics = opts_.metrics;
-  auto* reactor = new GenerateReactor(stream);
+  auto* reactor = new GenerateReactor(stream, &open_streams_);
   if (draining_.load()) {
     stream->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "decode server is shutting down"));
     return reactor;

@@ -4,6 +4,7 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 
+#include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -72,10 +73,15 @@ void PrefillServer::Shutdown(std::chrono::milliseconds grace) {
   if (shut_down_) return;
   shut_down_ = true;
   if (server_ != nullptr) {
+    // Drain: NOT_SERVING and new calls refused with UNAVAILABLE while the server still answers
+    // (so health checks and load balancers see it), calls in flight get `grace` to finish.
     server_->GetHealthCheckService()->SetServingStatus(false);
-    // Returns once every call is done: those in flight get `grace`, then are cancelled (their
-    // jobs see the cancellation and stop at the next layer).
-    server_->Shutdown(std::chrono::system_clock::now() + grace);
+    service_->StartDraining();
+    const auto until = std::chrono::steady_clock::now() + grace;
+    while (service_->in_flight() > 0 && std::chrono::steady_clock::now() < until)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    // Whatever is still running is cancelled (its job stops at the next layer).
+    server_->Shutdown(std::chrono::system_clock::now());
   }
   if (engine_ != nullptr) engine_->Stop();
   if (server_ != nullptr) server_->Wait();

@@ -137,17 +137,23 @@ class PrefillCall final : public PrefillSink {
 
 class PrefillReactor final : public Reactor {
  public:
-  explicit PrefillReactor(metrics::PrefillMetrics* metrics)
-      : call_(std::make_shared<PrefillCall>(this, metrics)) {}
+  PrefillReactor(metrics::PrefillMetrics* metrics, std::atomic<int32_t>* in_flight)
+      : call_(std::make_shared<PrefillCall>(this, metrics)), in_flight_(in_flight) {
+    in_flight_->fetch_add(1);
+  }
 
   const std::shared_ptr<PrefillCall>& call() const { return call_; }
 
   void OnWriteDone(bool ok) override { call_->OnWriteDone(ok); }
   void OnCancel() override { call_->Cancel(); }
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    in_flight_->fetch_sub(1);
+    delete this;
+  }
 
  private:
   const std::shared_ptr<PrefillCall> call_;
+  std::atomic<int32_t>* const in_flight_;
 };
 
 }  // namespace
@@ -158,7 +164,11 @@ PrefillServiceImpl::PrefillServiceImpl(PrefillEngine* engine, std::string model_
 
 grpc::ServerWriteReactor<v1::PrefillResponse>* PrefillServiceImpl::Prefill(
     grpc::CallbackServerContext* /*context*/, const v1::PrefillRequest* request) {
-  auto* reactor = new PrefillReactor(metrics_);
+  auto* reactor = new PrefillReactor(metrics_, &in_flight_);
+  if (draining_.load()) {
+    reactor->call()->OnFinish(absl::UnavailableError("prefill server is shutting down"));
+    return reactor;
+  }
   PrefillJob job;
   job.token_ids.assign(request->token_ids().begin(), request->token_ids().end());
   job.kv_dtype = request->kv_dtype();

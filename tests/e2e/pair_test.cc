@@ -383,16 +383,3 @@ TEST_CASE("a cancelled stream frees its blocks", "[pair]") {
   CHECK(freed);
   CHECK(Generate(*stub, Greedy("hello there", 4)).status.ok());
 }
-
-TEST_CASE("SIGTERM: running streams finish, then exit 0", "[pair]") {
-  auto prefill = StartPrefill();
-  auto decode = StartDecode(prefill->address(), "bf16");
-  auto stub = Client(*decode);
-  auto running = std::async(std::launch::async, [&] { return Generate(*stub, Greedy("the king", 200)); });
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  const int code = decode->Stop(std::chrono::milliseconds(15000));
-  auto r = running.get();
-  CHECK(r.status.ok());
-  CHECK(r.ids.size() == 200);
-  CHECK(code == 0);
-}

@@ -22,8 +22,15 @@ class ServerProcess {
   ServerProcess(const std::string& binary, std::vector<std::string> args) {
     // Servers serve /metrics on a fixed default port; tests run in parallel, so give each a
     // free one unless the test chose.
-    bool metrics_flag = false;
-    for (const auto& a : args) metrics_flag = metrics_flag || a.rfind("--metrics-listen", 0) == 0;
+    bool metrics_flag = false, metrics_on = true;
+    for (size_t i = 0; i < args.size(); ++i) {
+      if (args[i].rfind("--metrics-listen", 0) != 0) continue;
+      metrics_flag = true;
+      const std::string v = args[i] == "--metrics-listen" && i + 1 < args.size()
+                                ? args[i + 1]
+                                : args[i].substr(args[i].find('=') + 1);
+      metrics_on = v != "off" && !v.empty();
+    }
     if (!metrics_flag) {
       args.push_back("--metrics-listen");
       args.push_back("127.0.0.1:0");
@@ -56,9 +63,17 @@ class ServerProcess {
         buf.append(c, n);
         const auto pos = buf.find("listening on ");
         const auto nl = buf.find('\n', pos == std::string::npos ? 0 : pos);
-        if (pos != std::string::npos && nl != std::string::npos) {
+        if (address_.empty() && pos != std::string::npos && nl != std::string::npos) {
           address_ = buf.substr(pos + 13, nl - pos - 13);
           port_ = std::stoi(address_.substr(address_.rfind(':') + 1));
+          if (!metrics_on) return;
+        }
+        // Then "... metrics on http://HOST:PORT/metrics", unless metrics are off.
+        const auto m = buf.find("metrics on http://");
+        const auto mnl = buf.find('\n', m == std::string::npos ? 0 : m);
+        if (!address_.empty() && m != std::string::npos && mnl != std::string::npos) {
+          metrics_address_ = buf.substr(m + 18, mnl - m - 18);
+          metrics_address_ = metrics_address_.substr(0, metrics_address_.find('/'));
           return;
         }
       }
@@ -75,6 +90,8 @@ class ServerProcess {
   ServerProcess& operator=(const ServerProcess&) = delete;
 
   const std::string& address() const { return address_; }
+  // HOST:PORT of its /metrics, empty when metrics are off.
+  const std::string& metrics_address() const { return metrics_address_; }
   int port() const { return port_; }
   pid_t pid() const { return pid_; }
 
@@ -82,13 +99,34 @@ class ServerProcess {
   int Stop(std::chrono::milliseconds grace = std::chrono::milliseconds(5000)) {
     if (pid_ <= 0) return -1;
     kill(pid_, SIGTERM);
+    return Wait(grace);
+  }
+  // Sends a signal and returns at once.
+  void Signal(int sig) {
+    if (pid_ > 0) kill(pid_, sig);
+  }
+  // True while the process has not exited (reaps it when it has; see exit_code()).
+  bool Running() {
+    if (pid_ <= 0) return false;
+    int status = 0;
+    if (waitpid(pid_, &status, WNOHANG) != pid_) return true;
+    pid_ = -1;
+    close(out_);
+    exit_code_ = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    return false;
+  }
+  int exit_code() const { return exit_code_; }
+  // Waits for the exit (SIGKILL after `grace`); returns the exit status (-1 if killed/unknown).
+  int Wait(std::chrono::milliseconds grace) {
+    if (pid_ <= 0) return exit_code_;
     const auto until = std::chrono::steady_clock::now() + grace;
     int status = 0;
     while (std::chrono::steady_clock::now() < until) {
       if (waitpid(pid_, &status, WNOHANG) == pid_) {
         pid_ = -1;
         close(out_);
-        return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+        exit_code_ = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+        return exit_code_;
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
@@ -107,7 +145,9 @@ class ServerProcess {
   pid_t pid_ = -1;
   int out_ = -1;
   std::string address_;
+  std::string metrics_address_;
   int port_ = 0;
+  int exit_code_ = -1;
 };
 
 }  // namespace duet::testing

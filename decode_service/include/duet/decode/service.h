@@ -56,6 +56,9 @@ class DecodeServiceImpl final : public v1::DecodeService::CallbackService {
   void StartDraining() { draining_.store(true); }
   // Requests being admitted or generating.
   int32_t in_flight() const { return in_flight_.load(); }
+  // Generate streams not yet done at the gRPC level (their last message may still be on its
+  // way to a slow client). The drain waits for these.
+  int32_t open_streams() const { return open_streams_.load(); }
   SessionManager& sessions() { return sessions_; }
   kv::BlockPool& pool() { return *pool_; }
   // Stops the engine (running streams end UNAVAILABLE) and waits for admission threads.
@@ -79,6 +82,7 @@ class DecodeServiceImpl final : public v1::DecodeService::CallbackService {
   DecodeEngine engine_;
   std::atomic<bool> draining_{false};
   std::atomic<int32_t> in_flight_{0};
+  std::atomic<int32_t> open_streams_{0};
   std::atomic<int32_t> admitting_{0};
   std::atomic<bool> stop_reaper_{false};
   std::thread reaper_;

@@ -9,6 +9,7 @@
 // deletes itself in OnDone; the engine may outlive it holding only the shared call state.
 #pragma once
 
+#include <atomic>
 #include <string>
 
 #include "duet/prefill/engine.h"
@@ -29,10 +30,17 @@ class PrefillServiceImpl final : public v1::PrefillService::CallbackService {
                                  const v1::InfoRequest* request,
                                  v1::InfoResponse* response) override;
 
+  // From now on new Prefill calls get UNAVAILABLE; calls in flight go on (SIGTERM drain).
+  void StartDraining() { draining_.store(true); }
+  // Prefill calls whose reactor is not done yet.
+  int32_t in_flight() const { return in_flight_.load(); }
+
  private:
   PrefillEngine* const engine_;
   const std::string model_name_;
   metrics::PrefillMetrics* const metrics_;
+  std::atomic<bool> draining_{false};
+  std::atomic<int32_t> in_flight_{0};
 };
 
 }  // namespace duet::prefill
