@@ -15,8 +15,10 @@
 #include "duet/kernels/threads.h"
 #include "duet/prefill/flags.h"
 #include "duet/prefill/server.h"
+#include "duet/tensor/malloc_tuning.h"
 
 int main(int argc, char** argv) {
+  duet::KeepFreedMemory();
   auto flags = duet::prefill::ParseFlags(
       argc, argv, [](const char* name) { return static_cast<const char*>(std::getenv(name)); });
   if (!flags.ok()) {

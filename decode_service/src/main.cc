@@ -16,6 +16,7 @@
 #include "duet/metrics/metrics.h"
 #include "duet/metrics/server_metrics.h"
 #include "duet/kernels/threads.h"
+#include "duet/tensor/malloc_tuning.h"
 
 namespace {
 
@@ -69,6 +70,7 @@ void OnSignal(int) { g_stop.store(true); }
 }  // namespace
 
 int main(int argc, char** argv) {
+  duet::KeepFreedMemory();
   auto flags = DefaultFlags();
   for (auto& [name, f] : flags)
     if (const char* e = std::getenv(f.env.c_str())) f.value = e;

@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "args.h"
 #include "duet/kv/codec.h"
+#include "duet/tensor/malloc_tuning.h"
 
 namespace duet::cli {
 namespace {
@@ -139,15 +140,10 @@ int BenchCodecMain(int argc, char** argv) {
     return 2;
   }
   const int32_t n_tokens = static_cast<int32_t>(*tokens);
-  // glibc returns freed megabyte-sized blocks to the kernel (mmap, heap trimming), so every
-  // message would be built in fresh pages; on a VM a page fault can cost tens of microseconds and
-  // then dominates. A server keeps such memory (same settings: MALLOC_MMAP_THRESHOLD_,
-  // MALLOC_TRIM_THRESHOLD_); --cold-malloc measures with glibc's defaults.
+  // The servers keep freed memory (duet::KeepFreedMemory: no fresh pages, hence no page faults,
+  // per message); --cold-malloc measures with glibc's defaults.
   const bool cold_malloc = args->Has("cold-malloc");
-  if (!cold_malloc) {
-    mallopt(M_MMAP_THRESHOLD, 256 << 20);
-    mallopt(M_TRIM_THRESHOLD, 512 << 20);
-  }
+  if (!cold_malloc) KeepFreedMemory();
 
   // GPT-2-124M: 12 layers, 12 heads of 64 (no grouped-query attention).
   const kv::KvShape shape{12, 12, 64, 16};

@@ -1,5 +1,7 @@
 #include "bench_pair.h"
 
+#include "bench_codec.h"
+
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -59,6 +61,7 @@ constexpr int kDecodeMaxTokens = 64;
 constexpr int32_t kMinId = 10, kMaxId = 4096;  // prompt ids: valid in the tokenizer we copy
 constexpr double kTtftRatioTarget = 1.15;
 constexpr double kDecodeRatioTarget = 6.0;
+constexpr double kCodecTargetGbS = 2.0;
 
 double Seconds(Clock::time_point since) {
   return std::chrono::duration<double>(Clock::now() - since).count();
@@ -557,9 +560,28 @@ int BenchPairMain(int argc, char** argv) {
     std::printf("  %-6s %8lld bytes\n", d,
                 static_cast<long long>(out["kv_bytes_per_token"][d].get<int64_t>()));
   }
-#if __has_include("bench_codec.h")
-  std::printf("\ncodec throughput: run `duet bench-codec`\n");
-#endif
+  // The K/V codec on the same K/V shape, in this run (its own table, then the verdicts).
+  {
+    std::printf("\n");
+    std::fflush(stdout);
+    const std::string codec_json = (workdir / "bench-codec.json").string();
+    std::vector<std::string> cargs = {"--runs", "5", "--json", codec_json};
+    std::vector<char*> cargv;
+    for (auto& c : cargs) cargv.push_back(c.data());
+    if (BenchCodecMain(static_cast<int>(cargv.size()), cargv.data()) != 0)
+      return Fail(absl::InternalError("the codec benchmark failed"));
+    std::ifstream f(codec_json);
+    const json codec = json::parse(f, nullptr, /*allow_exceptions=*/false);
+    if (codec.is_discarded() || !codec.contains("results"))
+      return Fail(absl::InternalError(absl::StrCat("cannot read ", codec_json)));
+    out["codec"] = codec;
+    for (const auto& r : codec["results"]) {
+      const double enc = r["encode_gb_s"].get<double>(), dec = r["decode_gb_s"].get<double>();
+      std::printf("  codec %-5s encode %6.2f GB/s, decode %6.2f GB/s: %s (>= %.0f GB/s each)\n",
+                  r["dtype"].get<std::string>().c_str(), enc, dec,
+                  verdict(enc >= kCodecTargetGbS && dec >= kCodecTargetGbS), kCodecTargetGbS);
+    }
+  }
   std::printf("\nservers stopped: duet-decode %s; duet-prefill %s\n", decode_end.c_str(),
               prefill_end.c_str());
 

@@ -4,6 +4,7 @@
 //   duet tokenize   --model DIR --text TEXT                      ids as JSON
 //   duet detokenize --model DIR --ids 1,2,3                      text as JSON
 //   duet bench-engine [--json FILE] [--threads N]                engine speed on real shapes
+//   duet bench-codec [--tokens N] [--runs N] [--json FILE]       K/V wire codec GB/s per dtype
 //   duet bench-pair [--json FILE] [--threads N]                  pair TTFT/decode vs one process
 //   duet generate   --server ADDR --prompt TEXT [sampling flags]  one request to duet-decode
 //   duet chat       --server ADDR [sampling flags]                multi-turn chat on one session
@@ -16,6 +17,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "args.h"
+#include "bench_codec.h"
 #include "bench_engine.h"
 #include "bench_pair.h"
 #include "client.h"
@@ -38,6 +40,7 @@ constexpr const char* kUsage =
     "  tokenize     --model DIR --text TEXT [--add-special-tokens]\n"
     "  detokenize   --model DIR --ids 1,2,3\n"
     "  bench-engine [--json FILE] [--threads N] [--models gpt2-124m,tinyllama-1.1b]\n"
+    "  bench-codec  [--tokens N] [--runs N] [--json FILE]\n"
     "  bench-pair   [--json FILE] [--threads N] [--workdir DIR] [--prefill-bin PATH]\n"
     "               [--decode-bin PATH] [--tokenizer FILE]\n"
     "  generate     --server ADDR --prompt TEXT [--max-tokens N] [--temperature T] [--top-k K]\n"
@@ -216,6 +219,7 @@ int main(int argc, char** argv) {
   if (cmd == "tokenize") return Tokenize(argc - 2, argv + 2);
   if (cmd == "detokenize") return Detokenize(argc - 2, argv + 2);
   if (cmd == "bench-engine") return duet::cli::BenchEngineMain(argc - 2, argv + 2, "/proc/self/exe");
+  if (cmd == "bench-codec") return duet::cli::BenchCodecMain(argc - 2, argv + 2);
   if (cmd == "bench-pair") return duet::cli::BenchPairMain(argc - 2, argv + 2);
   if (cmd == "generate") return duet::cli::GenerateMain(argc - 2, argv + 2);
   if (cmd == "chat") return duet::cli::ChatMain(argc - 2, argv + 2);
