@@ -21,7 +21,9 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "args.h"
+#include "duet/kernels/profile.h"
 #include "duet/kernels/threads.h"
 #include "duet/model/model.h"
 #include "duet/tensor/dtype.h"
@@ -134,9 +136,31 @@ int RunChild(const std::string& shape_name, const fs::path& workdir, int threads
   out["model"] = shape.name;
   out["weight_bytes"] = model.weight_bytes();
 
+  // Where the time goes, per phase: wall time per kind of op (kernels::Profile), as shares.
+  kernels::Profile::Enable(true);
+  auto print_profile = [&](const std::string& phase) {
+    double total = 0;
+    for (int op = 0; op < static_cast<int>(kernels::Op::kCount); ++op)
+      total += kernels::Profile::Seconds(static_cast<kernels::Op>(op));
+    std::string line;
+    for (int op = 0; op < static_cast<int>(kernels::Op::kCount); ++op) {
+      const double sh = kernels::Profile::Seconds(static_cast<kernels::Op>(op)) / total;
+      if (sh >= 0.005)
+        line += absl::StrFormat(" %s %.0f%%", kernels::OpName(static_cast<kernels::Op>(op)), 100 * sh);
+    }
+    std::fprintf(stderr, "[%s]   %s time:%s\n", shape.name.c_str(), phase.c_str(), line.c_str());
+    out["profile"][phase] = json::object();
+    for (int op = 0; op < static_cast<int>(kernels::Op::kCount); ++op) {
+      out["profile"][phase][kernels::OpName(static_cast<kernels::Op>(op))] =
+          kernels::Profile::Seconds(static_cast<kernels::Op>(op)) / total;
+    }
+    kernels::Profile::Reset();
+  };
+
   // Prefill: best of a few runs, each into a fresh cache.
   kv::SequenceKv base(&pool);
   for (int n : {128, 512}) {
+    kernels::Profile::Reset();
     double best = 1e30;
     const int reps = n == 128 ? 4 : 3;
     for (int r = 0; r < reps; ++r) {
@@ -151,6 +175,7 @@ int RunChild(const std::string& shape_name, const fs::path& workdir, int threads
     }
     out["prefill_tokens_per_s"][std::to_string(n)] = n / best;
     std::fprintf(stderr, "[%s] prefill %d: %.1f tokens/s\n", shape.name.c_str(), n, n / best);
+    print_profile("prefill-" + std::to_string(n));
   }
 
   // Decode: every sequence shares the 512-token prefix and appends its own tokens.
@@ -170,11 +195,13 @@ int RunChild(const std::string& shape_name, const fs::path& workdir, int threads
     };
     step();
     step();  // warm up: primitives for this M
+    kernels::Profile::Reset();
     const double t0 = Now();
     for (int s = 0; s < decode_steps; ++s) step();
     const double tps = batch * decode_steps / (Now() - t0);
     out["decode_tokens_per_s"][std::to_string(batch)] = tps;
     std::fprintf(stderr, "[%s] decode batch %d: %.1f tokens/s\n", shape.name.c_str(), batch, tps);
+    print_profile("decode-" + std::to_string(batch));
   }
   std::cout << out.dump() << std::endl;
   return 0;

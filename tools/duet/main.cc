@@ -23,6 +23,7 @@
 #include "client.h"
 #include "duet/kernels/threads.h"
 #include "duet/model/model.h"
+#include "duet/tensor/malloc_tuning.h"
 #include "duet/tokenizer/tokenizer.h"
 #include "generate.h"
 
@@ -209,6 +210,8 @@ int Detokenize(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // As the servers do: freed buffers stay in the process (no page faults per forward pass).
+  duet::KeepFreedMemory();
   if (argc < 2) {
     std::fputs(kUsage, stderr);
     return 2;

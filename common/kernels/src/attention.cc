@@ -19,6 +19,92 @@ struct WorkItem {
   int32_t row0, row1;  // new rows [row0, row1) of the sequence
 };
 
+bool HasAvx512() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+
+// GCC 12 reports the deliberately undefined vectors inside its own AVX-512 intrinsics
+// (_mm512_undefined_ps, used by set1/reduce) as "used uninitialized" once they are inlined into
+// a target("avx512f") function; the warning is about the header, not this code.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// FastExp (fast_math.h) on 16 lanes.
+__attribute__((target("avx512f"))) inline __m512 FastExp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(
+      _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
+                                   _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+  __m512 p = _mm512_set1_ps(1.3888949e-3f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3333337e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1666664e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666667e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i bits = _mm512_slli_epi32(
+      _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+// One query against one K/V block of 16 slots (K transposed [d][16], V [16][d]), updating the
+// online softmax state (m, l) and the accumulator acc[d]: all 16 scores in one register, four
+// independent FMA chains for q.k (latency, not throughput, bounds a single chain), the V rows
+// accumulated into head_dim/16 registers.
+__attribute__((target("avx512f"))) void Block16(const float* qh, float scale, const float* kt,
+                                                const float* vb, int32_t d, int32_t n_valid,
+                                                float* m, float* l, float* acc) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int32_t t = 0; t < d; t += 4) {
+    a0 = _mm512_fmadd_ps(_mm512_set1_ps(qh[t]), _mm512_loadu_ps(kt + t * 16), a0);
+    a1 = _mm512_fmadd_ps(_mm512_set1_ps(qh[t + 1]), _mm512_loadu_ps(kt + (t + 1) * 16), a1);
+    a2 = _mm512_fmadd_ps(_mm512_set1_ps(qh[t + 2]), _mm512_loadu_ps(kt + (t + 2) * 16), a2);
+    a3 = _mm512_fmadd_ps(_mm512_set1_ps(qh[t + 3]), _mm512_loadu_ps(kt + (t + 3) * 16), a3);
+  }
+  const __mmask16 valid = static_cast<__mmask16>((1u << n_valid) - 1u);
+  __m512 sc = _mm512_mul_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)),
+                            _mm512_set1_ps(scale));
+  sc = _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), sc);
+  const float mb = std::max(*m, _mm512_reduce_max_ps(sc));
+  const __m512 p = _mm512_maskz_mov_ps(valid, FastExp16(_mm512_sub_ps(sc, _mm512_set1_ps(mb))));
+  const float alpha = FastExp(*m - mb);
+  *l = *l * alpha + _mm512_reduce_add_ps(p);
+  *m = mb;
+  alignas(64) float pj[16];
+  _mm512_store_ps(pj, p);
+  const __m512 al = _mm512_set1_ps(alpha);
+  if (d == 64) {
+    __m512 o0 = _mm512_mul_ps(_mm512_loadu_ps(acc), al);
+    __m512 o1 = _mm512_mul_ps(_mm512_loadu_ps(acc + 16), al);
+    __m512 o2 = _mm512_mul_ps(_mm512_loadu_ps(acc + 32), al);
+    __m512 o3 = _mm512_mul_ps(_mm512_loadu_ps(acc + 48), al);
+    for (int32_t j = 0; j < n_valid; ++j) {
+      const __m512 pv = _mm512_set1_ps(pj[j]);
+      const float* v = vb + j * 64;
+      o0 = _mm512_fmadd_ps(pv, _mm512_loadu_ps(v), o0);
+      o1 = _mm512_fmadd_ps(pv, _mm512_loadu_ps(v + 16), o1);
+      o2 = _mm512_fmadd_ps(pv, _mm512_loadu_ps(v + 32), o2);
+      o3 = _mm512_fmadd_ps(pv, _mm512_loadu_ps(v + 48), o3);
+    }
+    _mm512_storeu_ps(acc, o0);
+    _mm512_storeu_ps(acc + 16, o1);
+    _mm512_storeu_ps(acc + 32, o2);
+    _mm512_storeu_ps(acc + 48, o3);
+  } else {
+    for (int32_t t = 0; t < d; t += 16) {
+      __m512 o = _mm512_mul_ps(_mm512_loadu_ps(acc + t), al);
+      for (int32_t j = 0; j < n_valid; ++j)
+        o = _mm512_fmadd_ps(_mm512_set1_ps(pj[j]), _mm512_loadu_ps(vb + j * d + t), o);
+      _mm512_storeu_ps(acc + t, o);
+    }
+  }
+}
+
+#pragma GCC diagnostic pop
+
 }  // namespace
 
 void PagedAttention(const float* q, int64_t q_stride, const PagedKvLayout& kv,
@@ -28,6 +114,7 @@ void PagedAttention(const float* q, int64_t q_stride, const PagedKvLayout& kv,
   const int32_t d = kv.head_dim;
   const int32_t bs = kv.block_size;
   const int32_t tile_rows = std::max(1, 32 / group);
+  const bool wide = bs == 16 && d % 16 == 0 && HasAvx512();
 
   std::vector<WorkItem> work;
   for (int32_t s = 0; s < n_seqs; ++s)
@@ -60,6 +147,11 @@ void PagedAttention(const float* q, int64_t q_stride, const PagedKvLayout& kv,
           const int32_t n_valid = std::min(bs, pos - b * bs + 1);
           if (n_valid <= 0) continue;
           const float* qh = q + (seq.row_begin + row) * q_stride + static_cast<int64_t>(h) * d;
+          if (wide) {
+            Block16(qh, scale, kt, vb, d, n_valid, &m[qi], &l[qi],
+                    acc.data() + static_cast<int64_t>(qi) * d);
+            continue;
+          }
           // Scores of this block's slots, as vectors over slots.
           float* s = sc.data();
           if (bs == 16) {

@@ -8,6 +8,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "duet/kernels/profile.h"
 #include "absl/strings/str_join.h"
 #include "duet/kernels/attention.h"
 #include "duet/kernels/ops.h"
@@ -378,6 +379,7 @@ absl::Status Model::Forward(std::span<const BatchItem> items, std::vector<float>
 
   // Embeddings and positions.
   {
+    kernels::ScopedOp prof(kernels::Op::kEmbed);
     int64_t row = 0;
     for (size_t i = 0; i < items.size(); ++i) {
       const BatchItem& it = items[i];
@@ -405,15 +407,24 @@ absl::Status Model::Forward(std::span<const BatchItem> items, std::vector<float>
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   for (int32_t l = 0; l < c.n_layers; ++l) {
     auto& L = w_->layers[l];
+    using kernels::Op;
+    using kernels::ScopedOp;
     // Attention block.
-    if (gpt2) {
-      kernels::LayerNorm(s.x.data(), L.norm1_w.data(), L.norm1_b.data(), M, E, c.norm_eps,
-                         s.h.data());
-    } else {
-      kernels::RmsNorm(s.x.data(), L.norm1_w.data(), M, E, c.norm_eps, s.h.data());
+    {
+      ScopedOp prof(Op::kNorm);
+      if (gpt2) {
+        kernels::LayerNorm(s.x.data(), L.norm1_w.data(), L.norm1_b.data(), M, E, c.norm_eps,
+                           s.h.data());
+      } else {
+        kernels::RmsNorm(s.x.data(), L.norm1_w.data(), M, E, c.norm_eps, s.h.data());
+      }
     }
-    if (auto st = L.qkv->Forward(s.h.data(), M, s.qkv.data()); !st.ok()) return st;
+    {
+      ScopedOp prof(Op::kQkv);
+      if (auto st = L.qkv->Forward(s.h.data(), M, s.qkv.data()); !st.ok()) return st;
+    }
     if (!gpt2) {
+      ScopedOp prof(Op::kRope);
       kernels::Rope(s.qkv.data(), M, QKV, c.n_heads, D, s.positions.data(), w_->inv_freq.data());
       kernels::Rope(s.qkv.data() + QD, M, QKV, c.n_kv_heads, D, s.positions.data(),
                     w_->inv_freq.data());
@@ -421,6 +432,7 @@ absl::Status Model::Forward(std::span<const BatchItem> items, std::vector<float>
     // Write the new rows' K and V into their sequences' blocks.
     const kernels::PagedKvLayout layout = items[0].kv->pool()->Layout(l);
     for (size_t i = 0; i < items.size(); ++i) {
+      ScopedOp prof(Op::kKvWrite);
       const auto& seq = s.seqs[i];
       for (int32_t j = 0; j < seq.n_new; ++j) {
         const int64_t row = seq.row_begin + j;
@@ -438,26 +450,53 @@ absl::Status Model::Forward(std::span<const BatchItem> items, std::vector<float>
     if (hooks != nullptr && hooks->on_layer_kv && !hooks->on_layer_kv(l)) {
       return absl::CancelledError(absl::StrCat("forward pass aborted after layer ", l));
     }
-    kernels::PagedAttention(s.qkv.data(), QKV, layout, s.seqs.data(),
-                            static_cast<int32_t>(s.seqs.size()), c.n_heads, scale, s.attn.data(),
-                            QD);
-    if (auto st = L.o->Forward(s.attn.data(), M, s.tmp.data()); !st.ok()) return st;
-    kernels::AddInPlace(s.x.data(), s.tmp.data(), M * E);
+    {
+      ScopedOp prof(Op::kAttention);
+      kernels::PagedAttention(s.qkv.data(), QKV, layout, s.seqs.data(),
+                              static_cast<int32_t>(s.seqs.size()), c.n_heads, scale,
+                              s.attn.data(), QD);
+    }
+    {
+      ScopedOp prof(Op::kOut);
+      if (auto st = L.o->Forward(s.attn.data(), M, s.tmp.data()); !st.ok()) return st;
+    }
+    {
+      ScopedOp prof(Op::kResidual);
+      kernels::AddInPlace(s.x.data(), s.tmp.data(), M * E);
+    }
 
     // MLP block.
-    if (gpt2) {
-      kernels::LayerNorm(s.x.data(), L.norm2_w.data(), L.norm2_b.data(), M, E, c.norm_eps,
-                         s.h.data());
-      if (auto st = L.up->Forward(s.h.data(), M, s.ff.data()); !st.ok()) return st;
-      kernels::GeluTanh(s.ff.data(), M * c.n_ff);
-      if (auto st = L.down->Forward(s.ff.data(), M, s.tmp.data()); !st.ok()) return st;
-    } else {
-      kernels::RmsNorm(s.x.data(), L.norm2_w.data(), M, E, c.norm_eps, s.h.data());
-      if (auto st = L.up->Forward(s.h.data(), M, s.ff.data()); !st.ok()) return st;
-      kernels::SiluMul(s.ff.data(), M, c.n_ff, s.act.data());
-      if (auto st = L.down->Forward(s.act.data(), M, s.tmp.data()); !st.ok()) return st;
+    {
+      ScopedOp prof(Op::kNorm);
+      if (gpt2) {
+        kernels::LayerNorm(s.x.data(), L.norm2_w.data(), L.norm2_b.data(), M, E, c.norm_eps,
+                           s.h.data());
+      } else {
+        kernels::RmsNorm(s.x.data(), L.norm2_w.data(), M, E, c.norm_eps, s.h.data());
+      }
     }
-    kernels::AddInPlace(s.x.data(), s.tmp.data(), M * E);
+    {
+      ScopedOp prof(Op::kMlpUp);
+      if (auto st = L.up->Forward(s.h.data(), M, s.ff.data()); !st.ok()) return st;
+    }
+    {
+      ScopedOp prof(Op::kAct);
+      if (gpt2) {
+        kernels::GeluTanh(s.ff.data(), M * c.n_ff);
+      } else {
+        kernels::SiluMul(s.ff.data(), M, c.n_ff, s.act.data());
+      }
+    }
+    {
+      ScopedOp prof(Op::kMlpDown);
+      if (auto st = L.down->Forward(gpt2 ? s.ff.data() : s.act.data(), M, s.tmp.data());
+          !st.ok())
+        return st;
+    }
+    {
+      ScopedOp prof(Op::kResidual);
+      kernels::AddInPlace(s.x.data(), s.tmp.data(), M * E);
+    }
   }
 
   // Final norm and LM head, only on the rows whose logits are wanted.
@@ -481,7 +520,10 @@ absl::Status Model::Forward(std::span<const BatchItem> items, std::vector<float>
     kernels::RmsNorm(s.last.data(), w_->final_norm_w.data(), n_out, E, c.norm_eps, s.h.data());
   }
   logits->resize(static_cast<size_t>(n_out) * c.n_vocab);
-  if (auto st = w_->lm_head->Forward(s.h.data(), n_out, logits->data()); !st.ok()) return st;
+  {
+    kernels::ScopedOp prof(kernels::Op::kLmHead);
+    if (auto st = w_->lm_head->Forward(s.h.data(), n_out, logits->data()); !st.ok()) return st;
+  }
 
   for (const BatchItem& it : items) {
     it.kv->set_n_tokens(it.kv->n_tokens() + static_cast<int32_t>(it.tokens.size()));
