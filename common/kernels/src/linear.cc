@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "duet/tensor/buffer.h"
 #include "gemv_bf16.h"
 
 namespace duet::kernels {
@@ -35,7 +36,8 @@ struct Linear::Impl {
   int64_t k = 0, n = 0;
   Precision precision = Precision::kBF16;
   dnnl::memory::desc weights_desc;  // packed layout, identical for every M
-  dnnl::memory weights;
+  Buffer weight_storage;            // huge-page backed (see duet/tensor/buffer.h)
+  dnnl::memory weights;             // views weight_storage
   std::vector<float> bias;
   std::vector<uint16_t> x_bf16;  // scratch: x rounded to bf16
   // Small M (decode) runs duet's own AVX-512-BF16 kernel on the same packed weights when the
@@ -84,7 +86,8 @@ absl::StatusOr<std::unique_ptr<Linear>> Linear::Create(int64_t k, int64_t n, con
     // layout for every M so one copy of the weights serves prefill and decode.
     dnnl::memory::desc any({k, n}, impl->src_type(), tag::any);
     impl->weights_desc = impl->MakePd(128, any).weights_desc();
-    impl->weights = dnnl::memory(impl->weights_desc, ctx.engine);
+    impl->weight_storage = Buffer(impl->weights_desc.get_size());
+    impl->weights = dnnl::memory(impl->weights_desc, ctx.engine, impl->weight_storage.data());
     dnnl::memory::desc user_desc({k, n}, dt::f32, layout == WeightLayout::kKN ? tag::ab : tag::ba);
     dnnl::memory user(user_desc, ctx.engine, const_cast<float*>(weights));
     dnnl::reorder(user, impl->weights).execute(ctx.stream, user, impl->weights);
