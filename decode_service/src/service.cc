@@ -80,6 +80,7 @@ struct DecodeServiceImpl::Stream {
   metrics::DecodeMetrics* metrics = nullptr;
   std::chrono::steady_clock::time_point arrival = std::chrono::steady_clock::now();
   const char* ok_reason = metrics::kReasonStop;
+  bool first_written = false;  // TTFT is observed when the first message's write completes
 
   void Push(v1::GenerateResponse m);
   void Finish(grpc::Status s);
@@ -141,6 +142,15 @@ void DecodeServiceImpl::Stream::Finish(grpc::Status s) {
 
 void DecodeServiceImpl::Stream::WriteDone(bool ok) {
   std::lock_guard<std::recursive_mutex> lock(mu);
+  if (ok && !first_written) {
+    // The first message a Generate writes carries its first token: it is now with the client's
+    // transport, which is what TTFT measures.
+    first_written = true;
+    if (metrics != nullptr) {
+      metrics->ttft.Observe(
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - arrival).count());
+    }
+  }
   if (!out.empty()) out.pop_front();
   writing = false;
   if (!ok) {  // the client went away: stop generating
@@ -357,7 +367,6 @@ void DecodeServiceImpl::Admit(std::shared_ptr<Stream> stream, v1::GenerateReques
       ts->first = false;
       ts->first_token = now;
       ts->ttft_ns = NsSince(arrival);
-      if (metrics != nullptr) metrics->ttft.Observe(std::chrono::duration<double>(now - arrival).count());
     } else if (metrics != nullptr) {
       metrics->inter_token.Observe(std::chrono::duration<double>(now - ts->last_token).count());
     }

@@ -22,7 +22,7 @@ std::vector<double> TtftBuckets() {
           1,     1.5,  2,    3,    5,    7.5,   10,  15,   20,  30,  45,  60};
 }
 std::vector<double> InterTokenBuckets() {
-  return {0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
+  return {0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
           0.075, 0.1,   0.15,  0.2,   0.3,    0.5,  0.75,  1,    2,    5};
 }
 std::vector<double> E2eBuckets() {
@@ -126,6 +126,13 @@ std::string CodeName(int code) {
       "UNAUTHENTICATED"};
   if (code < 0 || code >= static_cast<int>(std::size(kNames))) return "UNKNOWN";
   return kNames[code];
+}
+
+const std::vector<int>& ServedErrorCodes() {
+  // CANCELLED, INVALID_ARGUMENT, DEADLINE_EXCEEDED, NOT_FOUND, RESOURCE_EXHAUSTED,
+  // FAILED_PRECONDITION, INTERNAL, UNAVAILABLE, DATA_LOSS.
+  static const std::vector<int> kCodes = {1, 3, 4, 5, 8, 9, 13, 14, 15};
+  return kCodes;
 }
 
 absl::StatusOr<std::unique_ptr<HttpExposer>> HttpExposer::Start(const std::string& address,

@@ -47,6 +47,7 @@ DecodeMetrics::DecodeMetrics(Registry& r)
   // Every reason's series exists from the start, so rate() has a zero to start from.
   for (const char* reason : {kReasonStop, kReasonLength, kReasonCancelled, kReasonError})
     Registry::Child(finished_, "finished_reason", reason);
+  for (int code : ServedErrorCodes()) Registry::Child(errors_, "code", CodeName(code));
 }
 
 void DecodeMetrics::Finished(int code, const char* ok_reason) {
@@ -70,7 +71,9 @@ PrefillMetrics::PrefillMetrics(Registry& r)
       tokens(r.Counter(kPrefillTokens, "Prompt tokens prefilled.")),
       running(r.Gauge(kPrefillRequestsRunning, "Prefill jobs computing (0 or 1).")),
       waiting(r.Gauge(kPrefillRequestsWaiting, "Prefill jobs queued.")),
-      errors_(r.CounterFamily(kRequestErrors, "Requests that ended with a non-OK status, by code.")) {}
+      errors_(r.CounterFamily(kRequestErrors, "Requests that ended with a non-OK status, by code.")) {
+  for (int code : ServedErrorCodes()) Registry::Child(errors_, "code", CodeName(code));
+}
 
 void PrefillMetrics::Error(int code) {
   if (code != 0) Registry::Child(errors_, "code", CodeName(code)).Increment();

@@ -55,7 +55,7 @@ inline constexpr char kPrefillRequestsWaiting[] = "duet_prefill_requests_waiting
 // Bucket layouts, chosen for CPU serving.
 // TTFT: a few ms (a short prompt on a tiny model) to a minute (a long prompt on a 1B model).
 std::vector<double> TtftBuckets();
-// Inter-token latency: 1 ms to 5 s.
+// Inter-token latency: 0.5 ms (tiny models) to 5 s.
 std::vector<double> InterTokenBuckets();
 // End-to-end request latency: 10 ms to 5 min.
 std::vector<double> E2eBuckets();
@@ -114,6 +114,9 @@ class Registry {
 
 // The status-code name used in the code label: "INVALID_ARGUMENT", "UNAVAILABLE", ...
 std::string CodeName(int grpc_or_absl_code);
+// The codes a duet server can end a call with: their error series exist (at 0) from the start,
+// so rate() and alerts see the first error of each code.
+const std::vector<int>& ServedErrorCodes();
 
 // Serves a registry at http://ADDRESS/metrics on its own threads.
 class HttpExposer {
