@@ -24,7 +24,23 @@ PrefillClient::PrefillClient(const std::string& target, std::string model_finger
                              kv::KvShape shape)
     : target_(ChannelTarget(target)), fingerprint_(std::move(model_fingerprint)), shape_(shape) {
   grpc::ChannelArguments args;
-  args.SetLoadBalancingPolicyName("round_robin");
+  // round_robin over every address the target resolves to, skipping servers whose health service
+  // does not say SERVING (a draining prefill pod says NOT_SERVING before it refuses calls), and
+  // one retry on another server for a call refused with UNAVAILABLE before any reply arrived.
+  args.SetServiceConfigJSON(R"json({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": ""},
+    "methodConfig": [{
+      "name": [{"service": "duet.v1.PrefillService"}],
+      "retryPolicy": {
+        "maxAttempts": 3,
+        "initialBackoff": "0.02s",
+        "maxBackoff": "0.2s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"]
+      }
+    }]
+  })json");
   args.SetMaxReceiveMessageSize(16 << 20);
   // Reconnect quickly after a prefill server comes back.
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);

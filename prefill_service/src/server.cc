@@ -44,6 +44,11 @@ absl::StatusOr<std::unique_ptr<PrefillServer>> PrefillServer::Start(const Server
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &s->port_);
+  // Clients re-resolve names (dns:/// of a headless Service) when a connection ends: closing
+  // connections after a few minutes lets decode pick up prefill pods added by a scale-up. Calls in
+  // flight get a minute to finish first.
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS, 5 * 60 * 1000);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, 60 * 1000);
   builder.RegisterService(s->service_.get());
   s->server_ = builder.BuildAndStart();
   if (s->server_ == nullptr || s->port_ == 0) {

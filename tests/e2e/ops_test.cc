@@ -209,3 +209,41 @@ TEST_CASE("/metrics counts requests, tokens, errors by code and cancellations, a
         Value(d, Series("duet_prompt_tokens_total", "decode")));
   CHECK(Value(p, Series("duet_prefill_requests_running", "prefill")) == 0);
 }
+
+TEST_CASE("decode skips a draining prefill server: every request succeeds through the other one",
+          "[ops]") {
+  auto a = StartPrefill({"--drain-s", "30"});
+  auto b = StartPrefill();
+  auto decode = StartDecode(a->address() + "," + b->address());
+  auto stub = v1::DecodeService::NewStub(
+      grpc::CreateChannel(decode->address(), grpc::InsecureChannelCredentials()));
+  for (int i = 0; i < 4; ++i) REQUIRE(Generate(*stub, Greedy("warm up " + std::to_string(i), 2)).first.ok());
+
+  // Hold prefill A in its drain: a long Prefill stream this test does not read keeps it open.
+  auto pstub = v1::PrefillService::NewStub(
+      grpc::CreateChannel(a->address(), grpc::InsecureChannelCredentials()));
+  v1::PrefillRequest held;
+  for (int i = 0; i < 1500; ++i) held.add_token_ids(100 + i % 2000);
+  grpc::ClientContext hctx;
+  hctx.set_deadline(std::chrono::system_clock::now() + 60s);
+  auto hreader = pstub->Prefill(&hctx, held);
+  v1::PrefillResponse hm;
+  REQUIRE(hreader->Read(&hm));
+  a->Signal(SIGTERM);
+  REQUIRE(WaitForHealth(a->address(), duet::testing::kNotServing) == duet::testing::kNotServing);
+
+  // Decode's round_robin sees A's health change (or retries on B): no request fails.
+  int failed = 0;
+  for (int i = 0; i < 12; ++i) {
+    const auto [st, n] = Generate(*stub, Greedy("request number " + std::to_string(i), 2));
+    if (!st.ok()) {
+      ++failed;
+      UNSCOPED_INFO("request " << i << ": " << st.error_code() << " " << st.error_message());
+    }
+  }
+  CHECK(failed == 0);
+  hctx.TryCancel();
+  while (hreader->Read(&hm)) {
+  }
+  hreader->Finish();
+}
