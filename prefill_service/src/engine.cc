@@ -37,8 +37,13 @@ absl::StatusOr<std::unique_ptr<PrefillEngine>> PrefillEngine::Create(
   }
   if (options.max_context == 0) options.max_context = n_ctx;
   if (options.max_chunk_bytes == 0) options.max_chunk_bytes = kv::kDefaultMaxChunkBytes;
-  // One job runs at a time, so one prompt of max_context tokens is all the pool ever holds.
-  const int32_t n_blocks = (options.max_context + options.block_size - 1) / options.block_size;
+  if (options.max_batch < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("max_batch ", options.max_batch, " < 1"));
+  }
+  // A pass holds at most max_context tokens in all, in at most max_batch sequences: each
+  // sequence's last block may be partly empty, hence the max_batch extra blocks.
+  const int32_t n_blocks =
+      (options.max_context + options.block_size - 1) / options.block_size + options.max_batch;
   auto pool = kv::BlockPool::Create(model->kv_shape(options.block_size), n_blocks);
   if (!pool.ok()) return pool.status();
   return std::unique_ptr<PrefillEngine>(
@@ -139,6 +144,7 @@ EngineStats PrefillEngine::stats() const {
     s.queued = static_cast<int32_t>(std::count_if(
         queue_.begin(), queue_.end(), [](const PrefillJob& j) { return !j.sink->cancelled(); }));
     s.running = running_;
+    s.passes = n_passes_;
   }
   s.pool_free_blocks = pool_->n_free();
   s.pool_blocks = pool_->n_blocks();
@@ -150,7 +156,7 @@ void PrefillEngine::Loop() {
   kernels::SetNumThreads(options_.n_threads);
   for (;;) {
     WaitForDrain();
-    PrefillJob job;
+    std::vector<PrefillJob> batch;
     {
       absl::MutexLock lock(&mu_);
       auto ready = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
@@ -158,12 +164,19 @@ void PrefillEngine::Loop() {
       };
       mu_.Await(absl::Condition(&ready));
       if (stopping_) break;
-      job = std::move(queue_.front());
-      queue_.pop_front();
+      // Everything waiting, in order, up to max_batch jobs and max_context tokens.
+      int64_t tokens = 0;
+      while (!queue_.empty() && static_cast<int32_t>(batch.size()) < options_.max_batch) {
+        const int64_t n = static_cast<int64_t>(queue_.front().token_ids.size());
+        if (!batch.empty() && tokens + n > options_.max_context) break;
+        tokens += n;
+        batch.push_back(std::move(queue_.front()));
+        queue_.pop_front();
+      }
       running_ = true;
     }
-    Run(job);
-    job.sink.reset();
+    RunBatch(batch);
+    batch.clear();
     absl::MutexLock lock(&mu_);
     running_ = false;
   }
@@ -195,90 +208,133 @@ void PrefillEngine::WaitForDrain() {
   }
 }
 
-void PrefillEngine::Run(PrefillJob& job) {
-  PrefillSink& sink = *job.sink;
+void PrefillEngine::Finish(PrefillJob& job, const absl::Status& status, Clock::time_point start,
+                           Clock::duration compute, int64_t bytes, size_t batch_size) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (status.ok()) {
+      ++n_completed_;
+    } else if (absl::IsCancelled(status)) {
+      ++n_cancelled_;
+    } else {
+      ++n_failed_;
+    }
+  }
+  const int n = static_cast<int>(job.token_ids.size());
+  if (status.ok() && options_.metrics != nullptr) {
+    options_.metrics->queue_time.Observe(std::chrono::duration<double>(start - job.arrival).count());
+    options_.metrics->compute.Observe(std::chrono::duration<double>(compute).count());
+    options_.metrics->tokens.Increment(n);
+  }
+  job.sink->OnFinish(status);
+  draining_.push_back(job.sink);
+  if (options_.log_requests) {
+    std::fprintf(stderr,
+                 "prefill: %d prompt tokens (pass of %zu), queue %.2f ms, compute %.2f ms, %lld "
+                 "bytes, %s\n",
+                 n, batch_size, Millis(start - job.arrival), Millis(compute),
+                 static_cast<long long>(bytes), status.ok() ? "OK" : status.ToString().c_str());
+  }
+}
+
+void PrefillEngine::RunBatch(std::vector<PrefillJob>& jobs) {
   const Clock::time_point start = Clock::now();
-  const int32_t n = static_cast<int32_t>(job.token_ids.size());
-  int64_t bytes = 0;
-  Clock::duration compute{};
-
-  auto finish = [&](const absl::Status& status) {
-    {
-      absl::MutexLock lock(&mu_);
-      if (status.ok()) {
-        ++n_completed_;
-      } else if (absl::IsCancelled(status)) {
-        ++n_cancelled_;
-      } else {
-        ++n_failed_;
-      }
-    }
-    if (status.ok() && options_.metrics != nullptr) {
-      options_.metrics->queue_time.Observe(std::chrono::duration<double>(start - job.arrival).count());
-      options_.metrics->compute.Observe(std::chrono::duration<double>(compute).count());
-      options_.metrics->tokens.Increment(n);
-    }
-    sink.OnFinish(status);
-    draining_.push_back(job.sink);
-    if (options_.log_requests) {
-      std::fprintf(stderr,
-                   "prefill: %d prompt tokens, queue %.2f ms, compute %.2f ms, %lld bytes, %s\n", n,
-                   Millis(start - job.arrival), Millis(compute), static_cast<long long>(bytes),
-                   status.ok() ? "OK" : status.ToString().c_str());
-    }
+  // The jobs that take part in the pass, each with its own sequence in the pool.
+  struct Live {
+    PrefillJob* job;
+    kv::SequenceKv seq;
+    uint32_t chunk_bytes;
+    int64_t bytes = 0;
+    absl::Status dropped;  // not OK once the job left the pass (cancelled, encode error)
   };
+  std::vector<Live> live;
+  live.reserve(jobs.size());
+  for (PrefillJob& job : jobs) {
+    if (job.sink->cancelled()) {
+      Finish(job, absl::CancelledError("cancelled while queued"), start, {}, 0, jobs.size());
+      continue;
+    }
+    kv::SequenceKv seq(pool_.get());
+    if (absl::Status st = seq.Reserve(static_cast<int32_t>(job.token_ids.size())); !st.ok()) {
+      Finish(job, st, start, {}, 0, jobs.size());
+      continue;
+    }
+    job.sink->OnHeader(
+        kv::MakeKvHeader(model_->fingerprint(), pool_->shape(), job.kv_dtype, job.token_ids));
+    const uint32_t chunk_bytes = job.max_chunk_bytes == 0
+                                     ? options_.max_chunk_bytes
+                                     : std::min(job.max_chunk_bytes, options_.max_chunk_bytes);
+    live.push_back({&job, std::move(seq), chunk_bytes, 0, absl::OkStatus()});
+  }
+  if (live.empty()) return;
 
-  if (sink.cancelled()) return finish(absl::CancelledError("cancelled while queued"));
-
-  kv::SequenceKv seq(pool_.get());
-  if (absl::Status st = seq.Reserve(n); !st.ok()) return finish(st);
-  sink.OnHeader(
-      kv::MakeKvHeader(model_->fingerprint(), pool_->shape(), job.kv_dtype, job.token_ids));
-
-  const uint32_t chunk_bytes = job.max_chunk_bytes == 0
-                                   ? options_.max_chunk_bytes
-                                   : std::min(job.max_chunk_bytes, options_.max_chunk_bytes);
-  absl::Status encode_status;
+  // As soon as a layer's K/V is in the pool, every job still in the pass sends it.
   model::ForwardHooks hooks;
   hooks.on_layer_kv = [&](int32_t layer) {
-    if (sink.cancelled()) return false;
-    // Every prompt position's K/V of this layer is in seq's blocks now (the pass advances
-    // seq.n_tokens() only at its end; the encoder reads up to the capacity).
-    std::vector<v1::KvChunk> chunks;
-    encode_status = kv::EncodeLayer(seq, layer, 0, n, job.kv_dtype, chunk_bytes, &chunks);
-    if (!encode_status.ok()) return false;
-    for (v1::KvChunk& chunk : chunks) {
-      bytes += static_cast<int64_t>(chunk.ByteSizeLong());
-      sink.OnChunk(std::move(chunk));
+    int active = 0;
+    for (Live& l : live) {
+      if (!l.dropped.ok()) continue;
+      PrefillSink& sink = *l.job->sink;
+      if (sink.cancelled()) {
+        l.dropped = absl::CancelledError("cancelled during the forward pass");
+        continue;
+      }
+      // Every position's K/V of this layer is in the sequence's blocks now (the pass advances
+      // n_tokens() only at its end; the encoder reads up to the capacity).
+      const int32_t n = static_cast<int32_t>(l.job->token_ids.size());
+      std::vector<v1::KvChunk> chunks;
+      if (absl::Status st =
+              kv::EncodeLayer(l.seq, layer, 0, n, l.job->kv_dtype, l.chunk_bytes, &chunks);
+          !st.ok()) {
+        l.dropped = absl::InternalError(absl::StrCat("encoding K/V: ", st.message()));
+        continue;
+      }
+      for (v1::KvChunk& chunk : chunks) {
+        l.bytes += static_cast<int64_t>(chunk.ByteSizeLong());
+        sink.OnChunk(std::move(chunk));
+      }
+      if (options_.after_layer_for_test) options_.after_layer_for_test(layer, sink);
+      ++active;
     }
-    if (options_.after_layer_for_test) options_.after_layer_for_test(layer, sink);
-    return true;
+    return active > 0;  // nobody left to send to: stop the pass
   };
 
+  std::vector<model::BatchItem> items;
+  items.reserve(live.size());
+  for (Live& l : live) items.push_back({l.job->token_ids, &l.seq, /*all_logits=*/false});
   std::vector<float> logits;
-  const model::BatchItem item{job.token_ids, &seq, /*all_logits=*/false};
   const Clock::time_point compute_begin = Clock::now();
-  absl::Status st = model_->Forward({&item, 1}, &logits, &hooks);
-  compute = Clock::now() - compute_begin;
-  seq.Release();
-  if (!encode_status.ok()) {
-    return finish(absl::InternalError(absl::StrCat("encoding K/V: ", encode_status.message())));
+  const absl::Status st = model_->Forward(items, &logits, &hooks);
+  const Clock::duration compute = Clock::now() - compute_begin;
+  {
+    absl::MutexLock lock(&mu_);
+    ++n_passes_;
   }
-  if (!st.ok()) {
-    return finish(sink.cancelled() ? absl::CancelledError("cancelled during the forward pass")
-                                   : st);
+  const int32_t V = model_->config().n_vocab;
+  for (size_t i = 0; i < live.size(); ++i) {
+    Live& l = live[i];
+    l.seq.Release();
+    PrefillJob& job = *l.job;
+    if (!l.dropped.ok()) {
+      Finish(job, l.dropped, start, compute, l.bytes, live.size());
+      continue;
+    }
+    if (!st.ok()) {  // the pass itself failed: every job still in it gets its error
+      Finish(job, st, start, compute, l.bytes, live.size());
+      continue;
+    }
+    v1::KvResult result;
+    result.mutable_logits()->Add(logits.begin() + static_cast<int64_t>(i) * V,
+                                 logits.begin() + static_cast<int64_t>(i + 1) * V);
+    result.set_n_prompt_tokens(static_cast<uint32_t>(job.token_ids.size()));
+    v1::PrefillTimings* t = result.mutable_timings();
+    t->set_queue_ns(static_cast<uint64_t>(Nanos(start - job.arrival)));
+    t->set_compute_ns(static_cast<uint64_t>(Nanos(compute)));
+    t->set_total_ns(static_cast<uint64_t>(Nanos(Clock::now() - job.arrival)));
+    l.bytes += static_cast<int64_t>(result.ByteSizeLong());
+    job.sink->OnResult(std::move(result));
+    Finish(job, absl::OkStatus(), start, compute, l.bytes, live.size());
   }
-
-  v1::KvResult result;
-  result.mutable_logits()->Add(logits.begin(), logits.end());
-  result.set_n_prompt_tokens(static_cast<uint32_t>(n));
-  v1::PrefillTimings* t = result.mutable_timings();
-  t->set_queue_ns(static_cast<uint64_t>(Nanos(start - job.arrival)));
-  t->set_compute_ns(static_cast<uint64_t>(Nanos(compute)));
-  t->set_total_ns(static_cast<uint64_t>(Nanos(Clock::now() - job.arrival)));
-  bytes += static_cast<int64_t>(result.ByteSizeLong());
-  sink.OnResult(std::move(result));
-  finish(absl::OkStatus());
 }
 
 }  // namespace duet::prefill

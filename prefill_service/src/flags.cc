@@ -25,6 +25,7 @@ constexpr FlagSpec kFlags[] = {
     {"listen", "DUET_LISTEN"},
     {"threads", "DUET_THREADS"},
     {"max-queue", "DUET_MAX_QUEUE"},
+    {"max-batch", "DUET_MAX_BATCH"},
     {"precision", "DUET_PRECISION"},
     {"model-name", "DUET_MODEL_NAME"},
     {"block-size", "DUET_BLOCK_SIZE"},
@@ -57,13 +58,16 @@ std::string Usage() {
   return "usage: duet-prefill --model DIR [--listen HOST:PORT] [--threads N] [--max-queue N]\n"
          "                    [--precision bf16|f32] [--model-name NAME] [--block-size N]\n"
          "                    [--max-chunk-bytes N] [--max-context N]\n"
-         "                    [--metrics-listen HOST:PORT|off] [--drain-s N]\n"
+         "                    [--metrics-listen HOST:PORT|off] [--drain-s N] [--max-batch N]\n"
+         "  --max-batch       prompts waiting together go into one forward pass, up to N of\n"
+         "                    them and --max-context tokens in all (default 16)\n"
          "  --metrics-listen  Prometheus /metrics over HTTP (default 127.0.0.1:9402; port 0 picks\n"
          "                    a free port; off: none)\n"
          "  --drain-s         on SIGTERM, seconds running streams get to finish (default 20)\n"
          "Every flag has an environment twin: DUET_MODEL, DUET_LISTEN, DUET_THREADS,\n"
          "DUET_MAX_QUEUE, DUET_PRECISION, DUET_MODEL_NAME, DUET_BLOCK_SIZE,\n"
-         "DUET_MAX_CHUNK_BYTES, DUET_MAX_CONTEXT, DUET_METRICS_LISTEN, DUET_DRAIN_S\n"
+         "DUET_MAX_CHUNK_BYTES, DUET_MAX_CONTEXT, DUET_METRICS_LISTEN, DUET_DRAIN_S,\n"
+         "DUET_MAX_BATCH\n"
          "(a flag wins over its variable).\n";
 }
 
@@ -131,6 +135,11 @@ absl::StatusOr<PrefillFlags> ParseFlags(int argc, const char* const* argv, const
     auto n = ParseInt(*v, 0, 4096);
     if (!n.ok()) return n.status();
     s.engine.n_threads = static_cast<int32_t>(*n);
+  }
+  if (const Value* v = get("max-batch")) {
+    auto n = ParseInt(*v, 1, 1024);
+    if (!n.ok()) return n.status();
+    s.engine.max_batch = static_cast<int32_t>(*n);
   }
   if (const Value* v = get("max-queue")) {
     auto n = ParseInt(*v, 1, 1 << 20);

@@ -407,6 +407,105 @@ TEST_CASE("A full queue answers RESOURCE_EXHAUSTED; the waiting request still ru
   CHECK(first.messages.back().has_result());
 }
 
+TEST_CASE("Queued prefills run together in one pass; each equals its own pass", "[prefill]") {
+  ServerOptions o = Options("llama-tiny-gqa");
+  o.engine.max_queue = 8;
+  Harness h(o);
+  const Golden g = LoadGolden("llama-tiny-gqa");
+  // Three prompts of different lengths (one of them the golden prompt), f32 on the wire; together
+  // within the model's context of 64, so one pass takes them all.
+  std::vector<std::vector<int32_t>> prompts = {g.token_ids, {5, 9, 2, 7, 1}, {}};
+  for (int i = 0; i < 9; ++i) prompts[2].push_back((i * 37 + 11) % 96);
+  REQUIRE(prompts[0].size() + prompts[1].size() + prompts[2].size() <= 64);
+  h.server->engine().Pause();
+  std::vector<Reply> replies(prompts.size());
+  std::vector<std::thread> callers;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    callers.emplace_back([&, i] { replies[i] = h.Prefill(Request(prompts[i], v1::KV_DTYPE_F32)); });
+    REQUIRE(WaitUntil([&] { return h.stats().queued == static_cast<int32_t>(i + 1); }));
+  }
+  const int64_t passes_before = h.stats().passes;
+  h.server->engine().Resume();
+  for (auto& c : callers) c.join();
+  REQUIRE(h.WaitIdle());
+  CHECK(h.stats().passes - passes_before == 1);  // all three in one forward pass
+  CHECK(h.stats().completed == 3);
+  CHECK(h.stats().pool_free_blocks == h.stats().pool_blocks);
+
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    INFO("prompt " << i << ": " << replies[i].status.error_message());
+    REQUIRE(replies[i].status.ok());
+    LocalRun local = RunLocally("llama-tiny-gqa", Precision::kF32, prompts[i]);
+    const v1::KvResult& result = replies[i].messages.back().result();
+    REQUIRE(result.logits_size() == static_cast<int>(local.logits.size()));
+    double max_diff = 0;
+    for (int v = 0; v < result.logits_size(); ++v)
+      max_diff = std::max(max_diff, std::fabs(double{result.logits(v)} - local.logits[v]));
+    CHECK(max_diff <= 1e-4);
+    auto client_pool = BlockPool::Create(local.model->kv_shape(8), 16);
+    REQUIRE(client_pool.ok());
+    SequenceKv received(client_pool->get());
+    Decode(replies[i], *local.model, &received);
+    double worst = 0;
+    const int32_t n = static_cast<int32_t>(prompts[i].size());
+    for (int32_t l = 0; l < local.model->config().n_layers; ++l)
+      for (int32_t p = 0; p < n; ++p) {
+        const auto got = KvAt(received, l, p), want = KvAt(*local.kv, l, p);
+        for (size_t j = 0; j < got.size(); ++j)
+          worst = std::max(worst, std::fabs(double{got[j]} - want[j]));
+      }
+    CHECK(worst <= 1e-5);
+  }
+}
+
+TEST_CASE("A call cancelled in the middle of a batched pass ends alone; the others complete",
+          "[prefill]") {
+  ServerOptions o = Options("llama-tiny-gqa");
+  o.engine.max_queue = 8;
+  // The pass calls the hook for each job after each layer, in queue order: the second job's call
+  // after layer 0 waits until that job's caller has cancelled, so the cancellation lands mid-pass.
+  std::atomic<int> layer0_calls{0};
+  o.engine.after_layer_for_test = [&layer0_calls](int32_t layer, const PrefillSink& sink) {
+    if (layer == 0 && layer0_calls.fetch_add(1) == 1) WaitUntil([&sink] { return sink.cancelled(); });
+  };
+  Harness h(o);
+  h.server->engine().Pause();
+  Reply a, b;
+  grpc::StatusCode victim_code = grpc::OK;
+  bool victim_result = false;
+  std::thread ta([&] { a = h.Prefill(Request({1, 2, 3, 4, 5, 6, 7})); });
+  REQUIRE(WaitUntil([&] { return h.stats().queued == 1; }));
+  std::thread tv([&] {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + 30s);
+    auto reader = h.stub->Prefill(&ctx, Request({8, 9, 10}, v1::KV_DTYPE_F32, 256));
+    v1::PrefillResponse m;
+    if (reader->Read(&m)) ctx.TryCancel();  // the header came: the pass has started
+    while (reader->Read(&m)) victim_result = victim_result || m.has_result();
+    victim_code = reader->Finish().error_code();
+  });
+  REQUIRE(WaitUntil([&] { return h.stats().queued == 2; }));
+  std::thread tb([&] { b = h.Prefill(Request({11, 12, 13, 14})); });
+  REQUIRE(WaitUntil([&] { return h.stats().queued == 3; }));
+  const int64_t passes_before = h.stats().passes;
+  h.server->engine().Resume();
+  ta.join();
+  tv.join();
+  tb.join();
+  CHECK(victim_code == grpc::CANCELLED);
+  CHECK_FALSE(victim_result);
+  CHECK(a.status.ok());
+  CHECK(b.status.ok());
+  CHECK(a.messages.back().has_result());
+  CHECK(b.messages.back().has_result());
+  REQUIRE(h.WaitIdle());
+  const auto s = h.stats();
+  CHECK(s.passes - passes_before == 1);
+  CHECK(s.completed == 2);
+  CHECK(s.cancelled == 1);
+  CHECK(s.pool_free_blocks == s.pool_blocks);
+}
+
 TEST_CASE("A call cancelled after its first message ends CANCELLED and frees everything",
           "[prefill]") {
   ServerOptions o = Options("llama-tiny-gqa");
@@ -534,7 +633,8 @@ TEST_CASE("Info describes the model and the limits", "[prefill]") {
     const Reply r = h.Prefill(Request(std::vector<int32_t>(17, 3)));
     CHECK(r.status.error_code() == grpc::INVALID_ARGUMENT);
     CHECK(r.status.error_message().find("17") != std::string::npos);
-    CHECK(h.server->engine().stats().pool_blocks == 4);  // 16 tokens of 4-token blocks
+    // 16 tokens of 4-token blocks, plus one partly filled block per sequence of a batched pass.
+    CHECK(h.server->engine().stats().pool_blocks == 4 + o.engine.max_batch);
   }
   SECTION("a context longer than the model's is refused at start") {
     o.engine.max_context = 65;

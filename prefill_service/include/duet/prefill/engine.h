@@ -1,5 +1,5 @@
 // The prefill engine: one thread that owns the model, a bounded FIFO of prefill jobs, and the
-// K/V pool the jobs run in. A job's K/V leaves layer by layer: as soon as layer l's K/V is in
+// K/V pool the jobs run in. Jobs that wait while a pass runs go together into the next pass. A job's K/V leaves layer by layer: as soon as layer l's K/V is in
 // the cache, the engine encodes it (kv::EncodeLayer) and hands the chunks to the job's sink,
 // so the transfer overlaps the compute of layers l+1.. .
 //
@@ -60,7 +60,10 @@ struct PrefillJob {
 };
 
 struct EngineOptions {
-  int32_t max_queue = 16;   // jobs that may wait (the running one not included)
+  int32_t max_queue = 16;   // jobs that may wait (the running ones not included)
+  // Jobs waiting when the engine is free run together in one forward pass (their prompts as one
+  // batch), up to this many jobs and max_context tokens in all.
+  int32_t max_batch = 16;
   int32_t block_size = 16;  // tokens per K/V block of the engine's pool
   int32_t max_context = 0;  // longest prompt, <= the model's context; 0: the model's context
   int32_t n_threads = 0;    // kernel (OpenMP/oneDNN) threads of the engine thread; 0: default
@@ -79,6 +82,7 @@ struct EngineStats {
   int64_t completed = 0;  // jobs that sent their result
   int64_t cancelled = 0;  // jobs skipped or aborted because the caller went away
   int64_t failed = 0;     // jobs that ended with another error
+  int64_t passes = 0;     // forward passes run (one per batch of jobs)
   int32_t queued = 0;     // jobs waiting whose caller is still there
   bool running = false;   // a job is on the engine thread
   int32_t pool_free_blocks = 0;
@@ -125,8 +129,12 @@ class PrefillEngine {
   void Loop();
   // Moves the queued jobs whose caller left to *out (to be finished outside the lock).
   void TakeCancelledLocked(std::vector<PrefillJob>* out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Runs one job start to end; the sink gets every message and OnFinish.
-  void Run(PrefillJob& job);
+  // Runs a batch of jobs start to end in one forward pass; every sink gets its messages and
+  // OnFinish. A job that fails or whose caller leaves ends alone; the others go on.
+  void RunBatch(std::vector<PrefillJob>& jobs);
+  // The last call for a job: counters, metrics, OnFinish, log line.
+  void Finish(PrefillJob& job, const absl::Status& status, Clock::time_point start,
+              Clock::duration compute, int64_t bytes, size_t batch_size);
   // Waits while finished jobs' sinks hold more than max_buffered_bytes (or until Stop).
   void WaitForDrain();
 
@@ -142,6 +150,7 @@ class PrefillEngine {
   int64_t n_completed_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t n_cancelled_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t n_failed_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t n_passes_ ABSL_GUARDED_BY(mu_) = 0;
 
   // Sinks of finished jobs that may still hold undelivered bytes. Engine thread only.
   std::vector<std::weak_ptr<PrefillSink>> draining_;

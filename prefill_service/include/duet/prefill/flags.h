@@ -5,6 +5,7 @@
 //   --listen HOST:PORT     DUET_LISTEN           127.0.0.1:50052; port 0 picks a free port
 //   --threads N            DUET_THREADS          kernel threads; 0 = all cores
 //   --max-queue N          DUET_MAX_QUEUE        16 requests may wait
+//   --max-batch N          DUET_MAX_BATCH        16 waiting prompts share one forward pass
 //   --precision bf16|f32   DUET_PRECISION        bf16
 //   --model-name NAME      DUET_MODEL_NAME       the model directory's name
 //   --block-size N         DUET_BLOCK_SIZE       16 tokens per K/V block
