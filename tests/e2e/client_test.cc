@@ -39,7 +39,8 @@ v1::GenerateResponse Msg(const std::string& text, std::vector<int32_t> ids) {
 //  - prompt X: a first message with only the session id ("s-1" if open_session), then
 //    "Hello" [1], ", " [2, 3] (two tokens in one message), "world" [4], then a summary-only
 //    message (LENGTH, prompt 7, generated 4, ttft 2 ms, decode 3 ms, 1234 K/V bytes).
-//  - turn: NOT_FOUND unless the session is open; else "re: <text>" [5] and a summary (STOP).
+//  - turn: NOT_FOUND unless the session is open (a turn "forget me" closes it first); else
+//    "re: <text>" [5] and a summary (STOP).
 //  - prompt_tokens: the first `fail_token_prompts` of them fail with UNAVAILABLE; the rest get
 //    max_tokens messages of one token each and a summary (LENGTH).
 class FakeDecode final : public v1::DecodeService::Service {
@@ -98,6 +99,8 @@ class FakeDecode final : public v1::DecodeService::Service {
     } else if (req.has_turn()) {
       {
         std::lock_guard<std::mutex> l(mu_);
+        // "forget me" plays a server that lost the session (its pod went away).
+        if (req.turn().text() == "forget me") open_.erase(req.turn().session_id());
         if (!open_.count(req.turn().session_id())) {
           return {grpc::StatusCode::NOT_FOUND, "unknown session " + req.turn().session_id()};
         }
@@ -389,6 +392,28 @@ TEST_CASE("duet chat keeps one session across turns and closes it", "[client]") 
   REQUIRE(r.code == 0);
   CHECK(r.out == "Hello, world\n");
   CHECK(f.service.closed() == std::vector<std::string>{"s-1"});
+}
+
+TEST_CASE("duet chat carries on in a new session with the whole conversation when the server lost "
+          "the session",
+          "[client]") {
+  Fixture f;
+  std::istringstream in("hello\nforget me\nand then\n");
+  auto r =
+      Capture([&](int argc, char** argv) { return duet::cli::ChatMainWithInput(argc, argv, in); },
+              {"--server", f.addr, "--temperature", "0"});
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  CHECK_THAT(r.err, Contains("[session s-1 is gone on the server (unknown session s-1)"));
+  const auto reqs = f.service.requests();
+  REQUIRE(reqs.size() == 4);
+  CHECK(reqs[1].turn().text() == "forget me");  // refused: NOT_FOUND
+  // The retry: a new session whose prompt is the conversation so far and the new line.
+  CHECK(reqs[2].prompt() == "helloHello, worldforget me");
+  CHECK(reqs[2].open_session());
+  CHECK(reqs[3].turn().session_id() == "s-1");
+  CHECK(reqs[3].turn().text() == "and then");
+  CHECK(r.out == "Hello, world\nHello, world\nre: and then\n");
 }
 
 TEST_CASE("duet bench sends random token prompts and reports percentiles", "[client]") {

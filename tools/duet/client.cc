@@ -285,6 +285,10 @@ int ChatMainWithInput(int argc, char** argv, std::istream& in) {
 
   auto stub = MakeStub(*server);
   std::string session_id;  // empty until the first reply names the session
+  // The conversation as text (prompts, replies and turns, joined as the session joins their
+  // tokens): if the server loses the session (its decode pod went away, its TTL passed), the next
+  // turn opens a new session with all of it.
+  std::string conversation;
   int rc = 0;
   for (std::string line;;) {
     std::fputs("> ", stderr);
@@ -297,22 +301,35 @@ int ChatMainWithInput(int argc, char** argv, std::istream& in) {
     if (line == "/quit") break;
     if (line.empty()) continue;
 
-    v1::GenerateRequest req = base;
-    if (session_id.empty()) {
-      req.set_prompt(line);
+    auto request = [&]() {
+      v1::GenerateRequest req = base;
       req.set_open_session(true);
-    } else {
-      req.mutable_turn()->set_session_id(session_id);
-      req.mutable_turn()->set_text(line);
-      req.set_open_session(true);
-    }
+      if (session_id.empty()) {
+        req.set_prompt(conversation + line);
+      } else {
+        req.mutable_turn()->set_session_id(session_id);
+        req.mutable_turn()->set_text(line);
+      }
+      return req;
+    };
     StreamStats st;
-    const grpc::Status s = StreamGenerate(*stub, req, *timeout, WriteStdout, &st);
+    grpc::Status s = StreamGenerate(*stub, request(), *timeout, WriteStdout, &st);
+    if (!s.ok() && s.error_code() == grpc::StatusCode::NOT_FOUND && !session_id.empty() &&
+        st.text.empty()) {
+      std::fprintf(stderr,
+                   "[session %s is gone on the server (%s); continuing in a new session with the "
+                   "conversation so far]\n",
+                   session_id.c_str(), s.error_message().c_str());
+      session_id.clear();
+      st = StreamStats();
+      s = StreamGenerate(*stub, request(), *timeout, WriteStdout, &st);
+    }
     if (s.ok() || !st.text.empty()) WriteStdout("\n");
     if (!s.ok()) {
       rc = RpcError(kCmd, s);
       break;
     }
+    conversation += line + st.text;
     if (session_id.empty()) {
       if (st.session_id.empty()) {
         std::fprintf(stderr, "duet %s: the server opened no session (empty session_id)\n", kCmd);
