@@ -42,15 +42,35 @@ void RmsNorm(const float* x, const float* w, int64_t rows, int64_t dim, float ep
   }
 }
 
-void GeluTanh(float* x, int64_t n) {
+namespace {
+
+// v * sigmoid(2u) with u = sqrt(2/pi) (v + 0.044715 v^3): GELU's tanh form, 8 lanes at a time.
+void GeluRange(float* x, int64_t begin, int64_t end) {
   constexpr float kC = 0.7978845608028654f;  // sqrt(2/pi)
-#pragma omp parallel for simd schedule(static) if (n > 16384)
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = begin;
+  for (; i + 8 <= end; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 v3 = _mm256_mul_ps(_mm256_mul_ps(v, v), v);
+    const __m256 u = _mm256_mul_ps(_mm256_set1_ps(kC),
+                                   _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), v3, v));
+    const __m256 e = FastExp8(_mm256_mul_ps(_mm256_set1_ps(-2.f), u));
+    _mm256_storeu_ps(x + i, _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.f), e)));
+  }
+  for (; i < end; ++i) {
     // 0.5 v (1 + tanh(u)) = v * sigmoid(2u) = v / (1 + exp(-2u))
     const float v = x[i];
     const float u = kC * (v + 0.044715f * v * v * v);
     x[i] = v / (1.f + FastExp(-2.f * u));
   }
+}
+
+}  // namespace
+
+void GeluTanh(float* x, int64_t n) {
+  constexpr int64_t kChunk = 4096;
+  const int64_t n_chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) if (n > 16384)
+  for (int64_t c = 0; c < n_chunks; ++c) GeluRange(x, c * kChunk, std::min(n, (c + 1) * kChunk));
 }
 
 void SiluMul(const float* gate_up, int64_t rows, int64_t dim, float* out) {
@@ -59,8 +79,14 @@ void SiluMul(const float* gate_up, int64_t rows, int64_t dim, float* out) {
     const float* g = gate_up + r * 2 * dim;
     const float* u = g + dim;
     float* o = out + r * dim;
-#pragma omp simd
-    for (int64_t i = 0; i < dim; ++i) o[i] = g[i] / (1.f + FastExp(-g[i])) * u[i];
+    int64_t i = 0;
+    for (; i + 8 <= dim; i += 8) {
+      const __m256 gv = _mm256_loadu_ps(g + i);
+      const __m256 e = FastExp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+      const __m256 silu = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+      _mm256_storeu_ps(o + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
+    }
+    for (; i < dim; ++i) o[i] = g[i] / (1.f + FastExp(-g[i])) * u[i];
   }
 }
 

@@ -116,6 +116,16 @@ TEST_CASE("GeluTanh and SiluMul match their closed forms", "[ops]") {
     const double g = gu[i], u = gu[5 + i];
     REQUIRE(out[i] == Approx(g / (1 + std::exp(-g)) * u).epsilon(1e-5).margin(1e-6));
   }
+  // Rows long enough for the 8-lane path, with a tail, over the range that matters.
+  const int64_t dim = 37, rows = 3;
+  std::vector<float> gu2(2 * dim * rows), out2(dim * rows);
+  for (size_t i = 0; i < gu2.size(); ++i) gu2[i] = std::sin(0.7f * i) * 25.f;
+  k::SiluMul(gu2.data(), rows, dim, out2.data());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < dim; ++i) {
+      const double g = gu2[r * 2 * dim + i], u = gu2[r * 2 * dim + dim + i];
+      REQUIRE(out2[r * dim + i] == Approx(g / (1 + std::exp(-g)) * u).epsilon(1e-5).margin(1e-5));
+    }
 }
 
 // The shapes real models use (block size 16, head_dim 64 and 128, grouped-query attention), where
