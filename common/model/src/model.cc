@@ -434,14 +434,16 @@ absl::Status Model::Forward(std::span<const BatchItem> items, std::vector<float>
     for (size_t i = 0; i < items.size(); ++i) {
       ScopedOp prof(Op::kKvWrite);
       const auto& seq = s.seqs[i];
-      for (int32_t j = 0; j < seq.n_new; ++j) {
-        const int64_t row = seq.row_begin + j;
-        const int32_t pos = seq.n_past + j;
-        const int32_t block = seq.block_table[pos / layout.block_size];
-        const int32_t slot = pos % layout.block_size;
-        const float* k = s.qkv.data() + row * QKV + QD;
-        const float* v = k + KD;
-        for (int32_t h = 0; h < c.n_kv_heads; ++h) {
+      // Heads write disjoint memory: a prompt's rows are spread over the threads by head.
+#pragma omp parallel for schedule(static) if (seq.n_new >= 64)
+      for (int32_t h = 0; h < c.n_kv_heads; ++h) {
+        for (int32_t j = 0; j < seq.n_new; ++j) {
+          const int64_t row = seq.row_begin + j;
+          const int32_t pos = seq.n_past + j;
+          const int32_t block = seq.block_table[pos / layout.block_size];
+          const int32_t slot = pos % layout.block_size;
+          const float* k = s.qkv.data() + row * QKV + QD;
+          const float* v = k + KD;
           layout.StoreK(block, h, slot, k + h * D);
           std::memcpy(layout.V(block, h, slot), v + h * D, D * sizeof(float));
         }
