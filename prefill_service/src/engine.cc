@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -268,33 +269,68 @@ void PrefillEngine::RunBatch(std::vector<PrefillJob>& jobs) {
   }
   if (live.empty()) return;
 
-  // As soon as a layer's K/V is in the pool, every job still in the pass sends it.
+  // As soon as a layer's K/V is in the pool, every job still in the pass sends it. The encoding
+  // and the hand-off to the calls run on a sender thread, so layer l is encoded and sent while
+  // the engine computes layer l+1 (a finished layer's K/V is never written again). The engine
+  // thread only notes which callers left, and stops the pass when nobody is left.
+  struct Sender {
+    absl::Mutex mu;
+    int32_t layers_ready ABSL_GUARDED_BY(mu) = 0;
+    bool pass_over ABSL_GUARDED_BY(mu) = false;
+  } sender;
+  auto drop = [&sender](Live& l, absl::Status why) {
+    absl::MutexLock lock(&sender.mu);
+    if (l.dropped.ok()) l.dropped = std::move(why);
+  };
+  auto dropped = [&sender](const Live& l) {
+    absl::MutexLock lock(&sender.mu);
+    return !l.dropped.ok();
+  };
+  std::thread sender_thread([&] {
+    for (int32_t layer = 0;; ++layer) {
+      {
+        absl::MutexLock lock(&sender.mu);
+        auto ready = [&sender, layer]() ABSL_SHARED_LOCKS_REQUIRED(sender.mu) {
+          return sender.layers_ready > layer || sender.pass_over;
+        };
+        sender.mu.Await(absl::Condition(&ready));
+        if (sender.layers_ready <= layer) return;  // the pass ended before this layer
+      }
+      for (Live& l : live) {
+        if (dropped(l)) continue;
+        PrefillSink& sink = *l.job->sink;
+        if (sink.cancelled()) {
+          drop(l, absl::CancelledError("cancelled during the forward pass"));
+          continue;
+        }
+        // Every position's K/V of this layer is in the sequence's blocks (the pass advances
+        // n_tokens() only at its end; the encoder reads up to the capacity).
+        const int32_t n = static_cast<int32_t>(l.job->token_ids.size());
+        std::vector<v1::KvChunk> chunks;
+        if (absl::Status st =
+                kv::EncodeLayer(l.seq, layer, 0, n, l.job->kv_dtype, l.chunk_bytes, &chunks);
+            !st.ok()) {
+          drop(l, absl::InternalError(absl::StrCat("encoding K/V: ", st.message())));
+          continue;
+        }
+        for (v1::KvChunk& chunk : chunks) {
+          l.bytes += static_cast<int64_t>(chunk.ByteSizeLong());
+          sink.OnChunk(std::move(chunk));
+        }
+        if (options_.after_layer_for_test) options_.after_layer_for_test(layer, sink);
+      }
+    }
+  });
   model::ForwardHooks hooks;
   hooks.on_layer_kv = [&](int32_t layer) {
     int active = 0;
     for (Live& l : live) {
-      if (!l.dropped.ok()) continue;
-      PrefillSink& sink = *l.job->sink;
-      if (sink.cancelled()) {
-        l.dropped = absl::CancelledError("cancelled during the forward pass");
-        continue;
-      }
-      // Every position's K/V of this layer is in the sequence's blocks now (the pass advances
-      // n_tokens() only at its end; the encoder reads up to the capacity).
-      const int32_t n = static_cast<int32_t>(l.job->token_ids.size());
-      std::vector<v1::KvChunk> chunks;
-      if (absl::Status st =
-              kv::EncodeLayer(l.seq, layer, 0, n, l.job->kv_dtype, l.chunk_bytes, &chunks);
-          !st.ok()) {
-        l.dropped = absl::InternalError(absl::StrCat("encoding K/V: ", st.message()));
-        continue;
-      }
-      for (v1::KvChunk& chunk : chunks) {
-        l.bytes += static_cast<int64_t>(chunk.ByteSizeLong());
-        sink.OnChunk(std::move(chunk));
-      }
-      if (options_.after_layer_for_test) options_.after_layer_for_test(layer, sink);
-      ++active;
+      if (l.job->sink->cancelled()) drop(l, absl::CancelledError("cancelled during the forward pass"));
+      active += dropped(l) ? 0 : 1;
+    }
+    {
+      absl::MutexLock lock(&sender.mu);
+      sender.layers_ready = layer + 1;
     }
     return active > 0;  // nobody left to send to: stop the pass
   };
@@ -306,6 +342,11 @@ void PrefillEngine::RunBatch(std::vector<PrefillJob>& jobs) {
   const Clock::time_point compute_begin = Clock::now();
   const absl::Status st = model_->Forward(items, &logits, &hooks);
   const Clock::duration compute = Clock::now() - compute_begin;
+  {
+    absl::MutexLock lock(&sender.mu);
+    sender.pass_over = true;
+  }
+  sender_thread.join();  // every computed layer has been sent (or its job dropped)
   {
     absl::MutexLock lock(&mu_);
     ++n_passes_;
