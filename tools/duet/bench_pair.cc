@@ -396,7 +396,11 @@ int BenchPairMain(int argc, char** argv) {
   auto a = Args::Parse(
       argc, argv, {"json", "threads", "workdir", "prefill-bin", "decode-bin", "tokenizer"}, {});
   if (!a.ok()) return Usage(std::string(a.status().message()));
-  const auto threads = a->GetInt("threads", 2);
+  // Both servers run on this one machine, as they would on two nodes of their own: by default each
+  // gets half the cores (and the one-process reference the same count). Giving each all cores
+  // oversubscribes them, and OpenMP barriers then wait for descheduled threads.
+  const int half_cores = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / 2);
+  const auto threads = a->GetInt("threads", half_cores);
   if (!threads.ok() || *threads <= 0 || *threads > 4096) {
     return Usage("--threads must be a positive integer");
   }
