@@ -145,6 +145,7 @@ EngineStats PrefillEngine::stats() const {
     s.queued = static_cast<int32_t>(std::count_if(
         queue_.begin(), queue_.end(), [](const PrefillJob& j) { return !j.sink->cancelled(); }));
     s.running = running_;
+    s.running_jobs = running_jobs_;
     s.passes = n_passes_;
   }
   s.pool_free_blocks = pool_->n_free();
@@ -175,11 +176,13 @@ void PrefillEngine::Loop() {
         queue_.pop_front();
       }
       running_ = true;
+      running_jobs_ = static_cast<int32_t>(batch.size());
     }
     RunBatch(batch);
     batch.clear();
     absl::MutexLock lock(&mu_);
     running_ = false;
+    running_jobs_ = 0;
   }
   // Stopping: whatever still waits will not run.
   std::deque<PrefillJob> left;

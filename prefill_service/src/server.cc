@@ -36,7 +36,7 @@ absl::StatusOr<std::unique_ptr<PrefillServer>> PrefillServer::Start(const Server
       std::make_unique<PrefillServiceImpl>(s->engine_.get(), s->model_name_, s->metrics_.get());
   s->registry_->SetRefresh([m = s->metrics_.get(), e = s->engine_.get()] {
     const EngineStats st = e->stats();
-    m->running.Set(st.running ? 1 : 0);
+    m->running.Set(st.running_jobs);
     m->waiting.Set(st.queued);
   });
 

@@ -410,7 +410,18 @@ TEST_CASE("A full queue answers RESOURCE_EXHAUSTED; the waiting request still ru
 TEST_CASE("Queued prefills run together in one pass; each equals its own pass", "[prefill]") {
   ServerOptions o = Options("llama-tiny-gqa");
   o.engine.max_queue = 8;
+  // During the pass, the engine and /metrics count every job of it as running.
+  std::atomic<PrefillServer*> server{nullptr};
+  std::atomic<int> running_jobs{0};
+  std::string running_metric;
+  o.engine.after_layer_for_test = [&](int32_t layer, const PrefillSink&) {
+    PrefillServer* srv = server.load();
+    if (layer != 0 || srv == nullptr || running_jobs.load() != 0) return;
+    running_jobs = srv->engine().stats().running_jobs;
+    running_metric = srv->metrics_text();
+  };
   Harness h(o);
+  server = h.server.get();
   const Golden g = LoadGolden("llama-tiny-gqa");
   // Three prompts of different lengths (one of them the golden prompt), f32 on the wire; together
   // within the model's context of 64, so one pass takes them all.
@@ -429,6 +440,9 @@ TEST_CASE("Queued prefills run together in one pass; each equals its own pass", 
   for (auto& c : callers) c.join();
   REQUIRE(h.WaitIdle());
   CHECK(h.stats().passes - passes_before == 1);  // all three in one forward pass
+  CHECK(running_jobs.load() == 3);
+  CHECK(running_metric.find("duet_prefill_requests_running{model_name=\"llama-tiny-gqa\",role=\"prefill\"} 3") !=
+        std::string::npos);
   CHECK(h.stats().completed == 3);
   CHECK(h.stats().pool_free_blocks == h.stats().pool_blocks);
 

@@ -69,7 +69,7 @@ PrefillMetrics::PrefillMetrics(Registry& r)
                              "Time a prefill job waited in the queue before compute.",
                              WaitBuckets())),
       tokens(r.Counter(kPrefillTokens, "Prompt tokens prefilled.")),
-      running(r.Gauge(kPrefillRequestsRunning, "Prefill jobs computing (0 or 1).")),
+      running(r.Gauge(kPrefillRequestsRunning, "Prefill jobs in the forward pass now running.")),
       waiting(r.Gauge(kPrefillRequestsWaiting, "Prefill jobs queued.")),
       errors_(r.CounterFamily(kRequestErrors, "Requests that ended with a non-OK status, by code.")) {
   for (int code : ServedErrorCodes()) Registry::Child(errors_, "code", CodeName(code));

@@ -84,7 +84,8 @@ struct EngineStats {
   int64_t failed = 0;     // jobs that ended with another error
   int64_t passes = 0;     // forward passes run (one per batch of jobs)
   int32_t queued = 0;     // jobs waiting whose caller is still there
-  bool running = false;   // a job is on the engine thread
+  bool running = false;   // a pass is on the engine thread
+  int32_t running_jobs = 0;  // jobs in that pass
   int32_t pool_free_blocks = 0;
   int32_t pool_blocks = 0;
 };
@@ -147,6 +148,7 @@ class PrefillEngine {
   bool paused_ ABSL_GUARDED_BY(mu_) = false;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   bool running_ ABSL_GUARDED_BY(mu_) = false;
+  int32_t running_jobs_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t n_completed_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t n_cancelled_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t n_failed_ ABSL_GUARDED_BY(mu_) = 0;

@@ -48,7 +48,7 @@ struct PrefillMetrics {
   prometheus::Histogram& compute;      // a job's forward pass and K/V encoding
   prometheus::Histogram& queue_time;   // arrival -> start of compute
   prometheus::Counter& tokens;         // prompt tokens prefilled
-  prometheus::Gauge& running;          // 0 or 1: a job is on the engine thread
+  prometheus::Gauge& running;          // jobs in the pass on the engine thread
   prometheus::Gauge& waiting;          // jobs queued
 
   // A Prefill call ended with a non-OK status.
