@@ -1,6 +1,7 @@
 #include "duet/decode/engine.h"
 
 #include <algorithm>
+#include <span>
 
 #include <prometheus/histogram.h>
 
@@ -11,13 +12,17 @@ namespace duet::decode {
 struct DecodeEngine::Running {
   explicit Running(SequenceStart s, const tokenizer::Tokenizer& tok)
       : start(std::move(s)), sampler(start.sampling), stop(start.stop), detok(tok) {
-    logits = std::move(start.logits);
+    prefill_logits = std::move(start.logits);
+    next = prefill_logits;
   }
   SequenceStart start;
   sampling::Sampler sampler;
   sampling::StopChecker stop;
   tokenizer::StreamDecoder detok;
-  std::vector<float> logits;  // non-empty: ready to sample
+  std::vector<float> prefill_logits;  // the last prompt position's, from a remote prefill
+  // Logits to sample from next (non-empty: ready): prefill_logits, or this sequence's row of the
+  // step's batch logits (valid until the next step).
+  std::span<const float> next;
   int32_t generated = 0;
   bool done = false;
 };
@@ -100,7 +105,7 @@ void DecodeEngine::Loop() {
     std::vector<model::BatchItem> items;
     std::vector<Running*> forwarded;
     for (auto& r : active) {
-      if (!r->logits.empty()) continue;
+      if (!r->next.empty()) continue;
       Session& s = *r->start.session;
       const int32_t from = s.kv.n_tokens();
       items.push_back({std::span<const int32_t>(s.tokens).subspan(from), &s.kv, false});
@@ -114,17 +119,17 @@ void DecodeEngine::Loop() {
         for (Running* r : forwarded) Retire(*r, {absl::InternalError(st.ToString())});
       } else {
         for (size_t i = 0; i < forwarded.size(); ++i)
-          forwarded[i]->logits.assign(logits.begin() + static_cast<int64_t>(i) * V,
-                                      logits.begin() + static_cast<int64_t>(i + 1) * V);
+          forwarded[i]->next = std::span<const float>(logits).subspan(i * V, V);
       }
     }
 
     // Sample, stream, and check the stop criteria of every sequence.
     for (auto& r : active) {
-      if (r->done || r->logits.empty()) continue;
+      if (r->done || r->next.empty()) continue;
       Session& s = *r->start.session;
-      const int32_t token = r->sampler.Sample(r->logits, s.tokens);
-      r->logits.clear();
+      const int32_t token = r->sampler.Sample(r->next, s.tokens);
+      r->next = {};
+      r->prefill_logits = {};
       s.tokens.push_back(token);
       ++r->generated;
       const auto& eos = r->start.stop.eos_ids;

@@ -80,6 +80,31 @@ double Value(const std::string& text, const std::string& series) {
   return *v;
 }
 
+// A Prefill call of 1500 tokens (about 3 MB of bf16 K/V: more than flow control lets through
+// unread) that the test reads only when it wants: it keeps a draining prefill server busy.
+struct HeldPrefill {
+  explicit HeldPrefill(const std::string& address)
+      : stub(v1::PrefillService::NewStub(
+            grpc::CreateChannel(address, grpc::InsecureChannelCredentials()))) {
+    v1::PrefillRequest req;
+    for (int i = 0; i < 1500; ++i) req.add_token_ids(100 + i % 2000);
+    ctx.set_deadline(std::chrono::system_clock::now() + 60s);
+    reader = stub->Prefill(&ctx, req);
+  }
+  // Reads the rest; counts chunks and whether the result came.
+  grpc::Status Drain(int* chunks = nullptr, bool* result = nullptr) {
+    v1::PrefillResponse m;
+    while (reader->Read(&m)) {
+      if (chunks != nullptr) *chunks += m.has_chunk() ? 1 : 0;
+      if (result != nullptr) *result = *result || m.has_result();
+    }
+    return reader->Finish();
+  }
+  std::unique_ptr<v1::PrefillService::Stub> stub;
+  grpc::ClientContext ctx;
+  std::unique_ptr<grpc::ClientReader<v1::PrefillResponse>> reader;
+};
+
 }  // namespace
 
 TEST_CASE("decode SIGTERM: NOT_SERVING, new requests UNAVAILABLE, the running stream finishes, exit 0",
@@ -118,18 +143,9 @@ TEST_CASE("prefill SIGTERM: NOT_SERVING, new calls UNAVAILABLE, the running stre
           "[ops]") {
   auto prefill = StartPrefill({"--drain-s", "30"});
   REQUIRE(HealthStatus(prefill->address()) == duet::testing::kServing);
-  auto stub = v1::PrefillService::NewStub(
-      grpc::CreateChannel(prefill->address(), grpc::InsecureChannelCredentials()));
-
-  // 1500 tokens of K/V (about 3 MB in bf16): more than flow control lets through unread, so the
-  // call stays open while this test does not read.
-  v1::PrefillRequest req;
-  for (int i = 0; i < 1500; ++i) req.add_token_ids(100 + i % 2000);
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + 60s);
-  auto reader = stub->Prefill(&ctx, req);
+  HeldPrefill held(prefill->address());
   v1::PrefillResponse m;
-  REQUIRE(reader->Read(&m));
+  REQUIRE(held.reader->Read(&m));
   REQUIRE(m.has_header());
   prefill->Signal(SIGTERM);
 
@@ -139,7 +155,7 @@ TEST_CASE("prefill SIGTERM: NOT_SERVING, new calls UNAVAILABLE, the running stre
     small.add_token_ids(1);
     grpc::ClientContext c2;
     c2.set_deadline(std::chrono::system_clock::now() + 10s);
-    auto r2 = stub->Prefill(&c2, small);
+    auto r2 = held.stub->Prefill(&c2, small);
     v1::PrefillResponse ignored;
     while (r2->Read(&ignored)) {
     }
@@ -150,11 +166,7 @@ TEST_CASE("prefill SIGTERM: NOT_SERVING, new calls UNAVAILABLE, the running stre
 
   bool result = false;
   int chunks = 0;
-  while (reader->Read(&m)) {
-    chunks += m.has_chunk() ? 1 : 0;
-    result = result || m.has_result();
-  }
-  const grpc::Status st = reader->Finish();
+  const grpc::Status st = held.Drain(&chunks, &result);
   INFO(st.error_message());
   CHECK(st.ok());
   CHECK(chunks > 0);
@@ -219,16 +231,10 @@ TEST_CASE("decode skips a draining prefill server: every request succeeds throug
       grpc::CreateChannel(decode->address(), grpc::InsecureChannelCredentials()));
   for (int i = 0; i < 4; ++i) REQUIRE(Generate(*stub, Greedy("warm up " + std::to_string(i), 2)).first.ok());
 
-  // Hold prefill A in its drain: a long Prefill stream this test does not read keeps it open.
-  auto pstub = v1::PrefillService::NewStub(
-      grpc::CreateChannel(a->address(), grpc::InsecureChannelCredentials()));
-  v1::PrefillRequest held;
-  for (int i = 0; i < 1500; ++i) held.add_token_ids(100 + i % 2000);
-  grpc::ClientContext hctx;
-  hctx.set_deadline(std::chrono::system_clock::now() + 60s);
-  auto hreader = pstub->Prefill(&hctx, held);
+  // Hold prefill A in its drain.
+  HeldPrefill held(a->address());
   v1::PrefillResponse hm;
-  REQUIRE(hreader->Read(&hm));
+  REQUIRE(held.reader->Read(&hm));
   a->Signal(SIGTERM);
   REQUIRE(WaitForHealth(a->address(), duet::testing::kNotServing) == duet::testing::kNotServing);
 
@@ -242,8 +248,6 @@ TEST_CASE("decode skips a draining prefill server: every request succeeds throug
     }
   }
   CHECK(failed == 0);
-  hctx.TryCancel();
-  while (hreader->Read(&hm)) {
-  }
-  hreader->Finish();
+  held.ctx.TryCancel();
+  held.Drain();
 }

@@ -33,25 +33,6 @@ bool HasAvx512() {
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-// FastExp (fast_math.h) on 16 lanes.
-__attribute__((target("avx512f"))) inline __m512 FastExp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(
-      _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
-                                   _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
-  __m512 p = _mm512_set1_ps(1.3888949e-3f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3333337e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1666664e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666667e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512i bits =
-      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
-}
-
 // One query against one K/V block of 16 slots (K transposed [d][16], V [16][d]), updating the
 // online softmax state (m, l) and the accumulator acc[d]: all 16 scores in one register, four
 // independent FMA chains for q.k (latency, not throughput, bounds a single chain), the V rows
@@ -137,7 +118,14 @@ void PagedAttention(const float* q, int64_t q_stride, const PagedKvLayout& kv,
 #pragma omp parallel if (n_work > 1)
   {
     const int32_t max_q = tile_rows * group * heads_per_item;
-    std::vector<float> m(max_q), l(max_q), acc(static_cast<size_t>(max_q) * d), sc(bs);
+    // Per-thread scratch kept across calls (OpenMP's threads persist): no allocation per layer.
+    thread_local std::vector<float> m, l, acc, sc;
+    if (m.size() < static_cast<size_t>(max_q)) {
+      m.resize(max_q);
+      l.resize(max_q);
+    }
+    if (acc.size() < static_cast<size_t>(max_q) * d) acc.resize(static_cast<size_t>(max_q) * d);
+    if (sc.size() < static_cast<size_t>(bs)) sc.resize(bs);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t w = n_work - 1; w >= 0; --w) {  // longest (latest rows) first
       const WorkItem& it = work[w];
