@@ -33,6 +33,7 @@ std::map<std::string, Flag> DefaultFlags() {
       {"prefill", {"DUET_PREFILL", "127.0.0.1:50052", "prefill target: host:port, a,b list, dns:///name"}},
       {"threads", {"DUET_THREADS", "0", "engine threads (0 = all cores)"}},
       {"precision", {"DUET_PRECISION", "bf16", "bf16 or f32"}},
+      {"kv-cache-dtype", {"DUET_KV_CACHE_DTYPE", "f32", "K/V cache element type: f32, or f16 (half the memory)"}},
       {"max-batch", {"DUET_MAX_BATCH", "32", "sequences per decode step"}},
       {"kv-blocks", {"DUET_KV_BLOCKS", "0", "K/V pool blocks (0: from --kv-cache-mb)"}},
       {"kv-cache-mb", {"DUET_KV_CACHE_MB", "1024", "K/V pool size in MiB"}},
@@ -131,9 +132,12 @@ int main(int argc, char** argv) {
       model_name = std::filesystem::path(flags["model"].value).lexically_normal().parent_path().filename().string();
   }
 
+  const auto kv_cache_dtype = duet::model::ParseKvCacheDtype(flags["kv-cache-dtype"].value);
+  if (!kv_cache_dtype.ok()) Die(std::string(kv_cache_dtype.status().message()));
   auto model = duet::model::Model::Load(
       flags["model"].value,
-      {prec == "f32" ? duet::kernels::Precision::kF32 : duet::kernels::Precision::kBF16});
+      {prec == "f32" ? duet::kernels::Precision::kF32 : duet::kernels::Precision::kBF16,
+       *kv_cache_dtype});
   if (!model.ok()) Die(std::string(model.status().message()));
   auto tok = duet::tokenizer::Tokenizer::Load(flags["model"].value);
   if (!tok.ok()) Die(std::string(tok.status().message()));
@@ -142,7 +146,7 @@ int main(int argc, char** argv) {
   const long mb = ToInt(flags, "kv-cache-mb", 1, 1L << 22);
   opts.kv_blocks = static_cast<int32_t>(
       blocks_flag > 0 ? blocks_flag
-                      : std::max<long>(1, (mb << 20) / (shape.floats_per_block() * 4)));
+                      : std::max<long>(1, (mb << 20) / shape.bytes_per_block()));
 
   duet::metrics::Registry registry(model_name, "decode");
   duet::metrics::DecodeMetrics metrics(registry);

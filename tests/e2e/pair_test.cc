@@ -32,21 +32,23 @@ int FreePort() {
   return ntohs(a.sin_port);
 }
 
-std::unique_ptr<ServerProcess> StartPrefill(int port = 0) {
+std::unique_ptr<ServerProcess> StartPrefill(int port = 0, const std::string& kv_cache = "f32") {
   return std::make_unique<ServerProcess>(
-      DUET_PREFILL_BIN, std::vector<std::string>{"--model", kModel, "--listen",
-                                                 "127.0.0.1:" + std::to_string(port),
-                                                 "--precision", "f32", "--threads", "1"});
+      DUET_PREFILL_BIN,
+      std::vector<std::string>{"--model", kModel, "--listen", "127.0.0.1:" + std::to_string(port),
+                               "--precision", "f32", "--threads", "1", "--kv-cache-dtype",
+                               kv_cache});
 }
 
 std::unique_ptr<ServerProcess> StartDecode(const std::string& prefill, const std::string& kv_dtype,
-                                           int kv_blocks = 512) {
+                                           int kv_blocks = 512,
+                                           const std::string& kv_cache = "f32") {
   return std::make_unique<ServerProcess>(
       DUET_DECODE_BIN,
       std::vector<std::string>{"--model", kModel, "--listen", "127.0.0.1:0", "--prefill", prefill,
                                "--precision", "f32", "--threads", "1", "--kv-dtype", kv_dtype,
                                "--kv-blocks", std::to_string(kv_blocks), "--prefill-timeout-ms",
-                               "5000"});
+                               "5000", "--kv-cache-dtype", kv_cache});
 }
 
 std::unique_ptr<v1::DecodeService::Stub> Client(const ServerProcess& decode) {
@@ -103,8 +105,8 @@ v1::GenerateRequest Turn(const std::string& session, const std::string& text, in
 struct Reference {
   std::unique_ptr<duet::model::Model> model;
   std::unique_ptr<duet::tokenizer::Tokenizer> tok;
-  Reference() {
-    auto m = duet::model::Model::Load(kModel, {duet::kernels::Precision::kF32});
+  explicit Reference(duet::kernels::KvDtype cache = duet::kernels::KvDtype::kF32) {
+    auto m = duet::model::Model::Load(kModel, {duet::kernels::Precision::kF32, cache});
     REQUIRE(m.ok());
     model = std::move(*m);
     auto t = duet::tokenizer::Tokenizer::Load(kModel);
@@ -173,6 +175,24 @@ TEST_CASE("greedy output through the pair equals one-process generation", "[pair
     WARN("int8 K/V: greedy tokens identical to the f32 reference for " << agree << " of "
                                                                        << total
                                                                        << " (prefix lengths)");
+  }
+}
+
+// Both servers with f16 K/V caches (--kv-cache-dtype f16), f32 on the wire: decode holds exactly
+// what prefill's cache held, so the pair still equals one process with an f16 cache.
+TEST_CASE("greedy output through the pair with f16 K/V caches equals one-process generation",
+          "[pair]") {
+  Reference ref(duet::kernels::KvDtype::kF16);
+  auto prefill = StartPrefill(0, "f16");
+  auto decode = StartDecode(prefill->address(), "f32", 256, "f16");
+  auto stub = Client(*decode);
+  for (const char* p : kPrompts) {
+    auto r = Generate(*stub, Greedy(p, 24));
+    INFO(p << ": " << r.status.error_message());
+    REQUIRE(r.status.ok());
+    const auto expect = ref.Greedy(ref.tok->Encode(p, true), 24);
+    CHECK(r.ids == expect);
+    CHECK(r.summary.generated_tokens() == 24);
   }
 }
 

@@ -195,8 +195,7 @@ std::vector<float> KvAt(const SequenceKv& seq, int32_t layer, int32_t pos) {
   std::vector<float> out(2 * static_cast<size_t>(l.n_kv_heads) * d);
   for (int32_t h = 0; h < l.n_kv_heads; ++h) {
     l.LoadK(block, h, slot, out.data() + static_cast<size_t>(h) * d);
-    std::memcpy(out.data() + static_cast<size_t>(l.n_kv_heads + h) * d, l.V(block, h, slot),
-                d * sizeof(float));
+    l.LoadV(block, h, slot, out.data() + static_cast<size_t>(l.n_kv_heads + h) * d);
   }
   return out;
 }
@@ -724,13 +723,15 @@ TEST_CASE("Flags: env twins, precedence, validation", "[prefill][flags]") {
     CHECK(f->server.engine.max_queue == 16);
     CHECK(f->server.engine.max_chunk_bytes == (1u << 20));
     CHECK(f->server.precision == Precision::kBF16);
+    CHECK(f->server.kv_cache_dtype == duet::kernels::KvDtype::kF32);
     CHECK(f->server.model_name.empty());
   }
   SECTION("environment twins, and flags win over them") {
     env = {{"DUET_MODEL", dir},       {"DUET_MAX_QUEUE", "3"},
            {"DUET_PRECISION", "f32"}, {"DUET_LISTEN", "127.0.0.1:0"},
            {"DUET_THREADS", "2"},     {"DUET_MODEL_NAME", "x"},
-           {"DUET_BLOCK_SIZE", "8"},  {"DUET_MAX_CHUNK_BYTES", "4096"}};
+           {"DUET_BLOCK_SIZE", "8"},  {"DUET_MAX_CHUNK_BYTES", "4096"},
+           {"DUET_KV_CACHE_DTYPE", "f16"}};
     auto f = parse({"--max-queue=5", "--model-name", "y"});
     REQUIRE(f.ok());
     CHECK(f->server.model_dir == dir);
@@ -741,6 +742,7 @@ TEST_CASE("Flags: env twins, precedence, validation", "[prefill][flags]") {
     CHECK(f->server.engine.n_threads == 2);
     CHECK(f->server.engine.block_size == 8);
     CHECK(f->server.engine.max_chunk_bytes == 4096);
+    CHECK(f->server.kv_cache_dtype == duet::kernels::KvDtype::kF16);
   }
   SECTION("errors name the flag or variable and the value") {
     auto expect_error = [&](std::vector<const char*> args, std::vector<std::string> needles) {
@@ -755,6 +757,7 @@ TEST_CASE("Flags: env twins, precedence, validation", "[prefill][flags]") {
     expect_error({}, {"--model"});
     expect_error({"--model", "/nonexistent/dir"}, {"/nonexistent/dir"});
     expect_error({"--model", dir.c_str(), "--precision", "fp8"}, {"--precision", "fp8"});
+    expect_error({"--model", dir.c_str(), "--kv-cache-dtype", "bf16"}, {"--kv-cache-dtype", "bf16"});
     expect_error({"--model", dir.c_str(), "--max-queue", "0"}, {"--max-queue", "0"});
     expect_error({"--model", dir.c_str(), "--listen", "localhost"}, {"--listen", "localhost"});
     expect_error({"--model", dir.c_str(), "--listen", "h:99999"}, {"99999"});

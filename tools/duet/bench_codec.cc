@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "args.h"
 #include "duet/kv/codec.h"
+#include "duet/tensor/dtype.h"
 #include "duet/tensor/malloc_tuning.h"
 
 namespace duet::cli {
@@ -30,6 +31,7 @@ double Now() {
 }
 
 struct Result {
+  std::string cache;  // element type of the paged cache: "f32" or "f16"
   std::string dtype;
   double encode_gb_s = 0;
   double decode_gb_s = 0;
@@ -43,7 +45,7 @@ struct Result {
 double MaxAbsError(const kv::SequenceKv& a, const kv::SequenceKv& b, int32_t n_tokens) {
   const kv::KvShape& s = a.pool()->shape();
   double worst = 0;
-  std::vector<float> ka(s.head_dim), kb(s.head_dim);
+  std::vector<float> ka(s.head_dim), kb(s.head_dim), va(s.head_dim), vb(s.head_dim);
   for (int32_t layer = 0; layer < s.n_layers; ++layer) {
     const auto la = a.pool()->Layout(layer), lb = b.pool()->Layout(layer);
     for (int32_t t = 0; t < n_tokens; ++t) {
@@ -52,8 +54,8 @@ double MaxAbsError(const kv::SequenceKv& a, const kv::SequenceKv& b, int32_t n_t
       for (int32_t h = 0; h < s.n_kv_heads; ++h) {
         la.LoadK(ba, h, slot, ka.data());
         lb.LoadK(bb, h, slot, kb.data());
-        const float* va = la.V(ba, h, slot);
-        const float* vb = lb.V(bb, h, slot);
+        la.LoadV(ba, h, slot, va.data());
+        lb.LoadV(bb, h, slot, vb.data());
         for (int32_t d = 0; d < s.head_dim; ++d) {
           worst =
               std::max({worst, std::fabs(double{ka[d]} - kb[d]), std::fabs(double{va[d]} - vb[d])});
@@ -70,6 +72,7 @@ absl::StatusOr<Result> BenchDtype(const kv::SequenceKv& src, kv::SequenceKv* des
   const int32_t n_tokens = src.n_tokens();
   const double cache_bytes = static_cast<double>(shape.bytes_per_token()) * n_tokens;
   Result r;
+  r.cache = shape.dtype == kernels::KvDtype::kF32 ? "f32" : "f16";
   r.dtype = dtype == v1::KV_DTYPE_F32 ? "f32" : dtype == v1::KV_DTYPE_BF16 ? "bf16" : "int8";
   r.wire_bytes_per_token = kv::WireBytesPerToken(shape, dtype);
 
@@ -145,48 +148,55 @@ int BenchCodecMain(int argc, char** argv) {
   const bool cold_malloc = args->Has("cold-malloc");
   if (!cold_malloc) KeepFreedMemory();
 
-  // GPT-2-124M: 12 layers, 12 heads of 64 (no grouped-query attention).
-  const kv::KvShape shape{12, 12, 64, 16};
-  const int32_t n_blocks = (n_tokens + shape.block_size - 1) / shape.block_size;
-  auto src_pool = kv::BlockPool::Create(shape, n_blocks);
-  auto dest_pool = kv::BlockPool::Create(shape, n_blocks);
-  if (!src_pool.ok() || !dest_pool.ok()) {
-    std::fprintf(stderr, "duet bench-codec: %s\n", src_pool.status().ToString().c_str());
-    return 1;
-  }
-  kv::SequenceKv src(src_pool->get()), dest(dest_pool->get());
-  if (!src.Reserve(n_tokens).ok() || !dest.Reserve(n_tokens).ok()) return 1;
-  {
-    // K/V-like values: normal, unit scale. Every float of the pool, slots past n_tokens too.
-    std::mt19937 rng(42);
-    std::normal_distribution<float> normal(0.0f, 1.0f);
-    const auto l = (*src_pool)->Layout(0);
-    for (int64_t i = 0; i < l.block_stride * n_blocks; ++i) l.base[i] = normal(rng);
-  }
-  src.set_n_tokens(n_tokens);
-
-  const double cache_mb = static_cast<double>(shape.bytes_per_token()) * n_tokens / 1e6;
+  // GPT-2-124M: 12 layers, 12 heads of 64 (no grouped-query attention). Both cache element
+  // types: f16 (what the servers keep in bf16 precision) and f32.
   std::printf(
       "duet bench-codec: GPT-2-124M K/V (12 layers, 12 kv heads, head_dim 64), %d tokens, "
-      "block size 16\n%.1f MB of f32 K/V; 1 thread; GB/s = cache bytes / s, best of %d runs; "
-      "encode "
+      "block size 16; 1 thread; GB/s = bytes of the cache's K/V / s, best of %d runs; encode "
       "drops each layer's chunks before the next layer, as a sender does; malloc %s\n\n",
-      n_tokens, cache_mb, static_cast<int>(*runs),
+      n_tokens, static_cast<int>(*runs),
       cold_malloc ? "glibc defaults (--cold-malloc)"
                   : "keeps freed memory (mmap/trim 256/512 MiB)");
-  std::printf("%-6s %12s %12s %14s %7s %16s %12s\n", "dtype", "encode GB/s", "decode GB/s",
-              "wire B/token", "chunks", "max chunk bytes", "max |error|");
+  std::printf("%-6s %-6s %12s %12s %14s %7s %16s %12s\n", "cache", "wire", "encode GB/s",
+              "decode GB/s", "wire B/token", "chunks", "max chunk bytes", "max |error|");
   std::vector<Result> results;
-  for (v1::KvDtype dtype : {v1::KV_DTYPE_F32, v1::KV_DTYPE_BF16, v1::KV_DTYPE_INT8}) {
-    auto r = BenchDtype(src, &dest, dtype, static_cast<int>(*runs));
-    if (!r.ok()) {
-      std::fprintf(stderr, "duet bench-codec: %s\n", r.status().ToString().c_str());
+  kv::KvShape shape{12, 12, 64, 16};
+  for (kernels::KvDtype cache : {kernels::KvDtype::kF16, kernels::KvDtype::kF32}) {
+    shape.dtype = cache;
+    const int32_t n_blocks = (n_tokens + shape.block_size - 1) / shape.block_size;
+    auto src_pool = kv::BlockPool::Create(shape, n_blocks);
+    auto dest_pool = kv::BlockPool::Create(shape, n_blocks);
+    if (!src_pool.ok() || !dest_pool.ok()) {
+      std::fprintf(stderr, "duet bench-codec: %s\n", src_pool.status().ToString().c_str());
       return 1;
     }
-    std::printf("%-6s %12.2f %12.2f %14lld %7zu %16zu %12.3g\n", r->dtype.c_str(), r->encode_gb_s,
-                r->decode_gb_s, static_cast<long long>(r->wire_bytes_per_token), r->chunks,
-                r->max_chunk_bytes, r->max_abs_error);
-    results.push_back(*r);
+    kv::SequenceKv src(src_pool->get()), dest(dest_pool->get());
+    if (!src.Reserve(n_tokens).ok() || !dest.Reserve(n_tokens).ok()) return 1;
+    {
+      // K/V-like values: normal, unit scale. Every element of the pool, slots past n_tokens too.
+      std::mt19937 rng(42);
+      std::normal_distribution<float> normal(0.0f, 1.0f);
+      const auto l = (*src_pool)->Layout(0);
+      const int64_t n = l.block_stride * n_blocks;
+      if (cache == kernels::KvDtype::kF32) {
+        for (int64_t i = 0; i < n; ++i) static_cast<float*>(l.base)[i] = normal(rng);
+      } else {
+        for (int64_t i = 0; i < n; ++i) static_cast<uint16_t*>(l.base)[i] = F32ToF16Sat(normal(rng));
+      }
+    }
+    src.set_n_tokens(n_tokens);
+    for (v1::KvDtype dtype : {v1::KV_DTYPE_F32, v1::KV_DTYPE_BF16, v1::KV_DTYPE_INT8}) {
+      auto r = BenchDtype(src, &dest, dtype, static_cast<int>(*runs));
+      if (!r.ok()) {
+        std::fprintf(stderr, "duet bench-codec: %s\n", r.status().ToString().c_str());
+        return 1;
+      }
+      std::printf("%-6s %-6s %12.2f %12.2f %14lld %7zu %16zu %12.3g\n", r->cache.c_str(),
+                  r->dtype.c_str(), r->encode_gb_s, r->decode_gb_s,
+                  static_cast<long long>(r->wire_bytes_per_token), r->chunks, r->max_chunk_bytes,
+                  r->max_abs_error);
+      results.push_back(*r);
+    }
   }
 
   if (auto path = args->Get("json")) {
@@ -196,13 +206,13 @@ int BenchCodecMain(int argc, char** argv) {
                 {"head_dim", shape.head_dim},
                 {"block_size", shape.block_size},
                 {"n_tokens", n_tokens},
-                {"cache_bytes", shape.bytes_per_token() * n_tokens},
                 {"runs", *runs},
                 {"threads", 1},
                 {"cold_malloc", cold_malloc},
                 {"results", json::array()}};
     for (const Result& r : results) {
-      out["results"].push_back({{"dtype", r.dtype},
+      out["results"].push_back({{"cache", r.cache},
+                                {"dtype", r.dtype},
                                 {"encode_gb_s", r.encode_gb_s},
                                 {"decode_gb_s", r.decode_gb_s},
                                 {"wire_bytes_per_token", r.wire_bytes_per_token},

@@ -98,7 +98,8 @@ double MeasureReadBandwidth() {
 }
 
 // The child: one model, all figures but bandwidth, printed as one JSON line on stdout.
-int RunChild(const std::string& shape_name, const fs::path& workdir, int threads) {
+int RunChild(const std::string& shape_name, const fs::path& workdir, int threads,
+             kernels::KvDtype kv_cache_dtype) {
   kernels::SetNumThreads(threads);
   const ModelShape shape = ShapeByName(shape_name);
   const fs::path dir = workdir / shape.name;
@@ -108,7 +109,7 @@ int RunChild(const std::string& shape_name, const fs::path& workdir, int threads
     return 1;
   }
   const double t_load = Now();
-  auto model_or = model::Model::Load(dir, {kernels::Precision::kBF16});
+  auto model_or = model::Model::Load(dir, {kernels::Precision::kBF16, kv_cache_dtype});
   if (!model_or.ok()) {
     std::fprintf(stderr, "%s\n", model_or.status().ToString().c_str());
     return 1;
@@ -121,8 +122,8 @@ int RunChild(const std::string& shape_name, const fs::path& workdir, int threads
   // figure.
   constexpr int32_t kWindows = 4, kWindowSteps = 12;
   const int32_t bs = 16, ctx = 512, max_batch = 16, decode_steps = kWindows * kWindowSteps;
-  auto pool_or = kv::BlockPool::Create(
-      model.kv_shape(bs), (ctx / bs) * 2 + max_batch * ((decode_steps * 2 + 8) / bs + 2) + 64);
+  const int32_t blocks_per_seq = (ctx + decode_steps + 2 + bs - 1) / bs;
+  auto pool_or = kv::BlockPool::Create(model.kv_shape(bs), max_batch * blocks_per_seq + 8);
   if (!pool_or.ok()) return 1;
   kv::BlockPool& pool = **pool_or;
   std::mt19937 gen(7);
@@ -140,6 +141,7 @@ int RunChild(const std::string& shape_name, const fs::path& workdir, int threads
   };
   json out;
   out["model"] = shape.name;
+  out["kv_cache_dtype"] = model::KvCacheDtypeName(kv_cache_dtype);
   out["weight_bytes"] = model.weight_bytes();
 
   // Where the time goes, per phase: wall time per kind of op (kernels::Profile), as shares.
@@ -164,7 +166,6 @@ int RunChild(const std::string& shape_name, const fs::path& workdir, int threads
   };
 
   // Prefill: best of a few runs, each into a fresh cache.
-  kv::SequenceKv base(&pool);
   for (int n : {128, 512}) {
     kernels::Profile::Reset();
     double best = 1e30;
@@ -177,21 +178,25 @@ int RunChild(const std::string& shape_name, const fs::path& workdir, int threads
       const double t0 = Now();
       check(model.Forward({&item, 1}, &logits));
       best = std::min(best, Now() - t0);
-      if (n == ctx && r == reps - 1) base = std::move(kv);
     }
     out["prefill_tokens_per_s"][std::to_string(n)] = n / best;
     std::fprintf(stderr, "[%s] prefill %d: %.1f tokens/s\n", shape.name.c_str(), n, n / best);
     print_profile("prefill-" + std::to_string(n));
   }
 
-  // Decode: every sequence shares the 512-token prefix and appends its own tokens.
+  // Decode: every sequence has its own 512-token context (its own prompt, prefilled into its own
+  // blocks, as distinct sessions have), so a batch step reads batch x the K/V of one sequence.
+  kernels::Profile::Enable(false);
   for (int batch : {1, 4, 16}) {
     std::vector<kv::SequenceKv> seqs;
     for (int b = 0; b < batch; ++b) {
       seqs.emplace_back(&pool);
-      check(seqs.back().ShareFrom(base, ctx));
       check(seqs.back().Reserve(ctx + decode_steps + 2));
+      const auto tokens = random_tokens(ctx);
+      model::BatchItem item{tokens, &seqs.back(), false};
+      check(model.Forward({&item, 1}, &logits));
     }
+    kernels::Profile::Enable(true);
     std::vector<int32_t> next(batch);
     auto step = [&] {
       for (auto& t : next) t = static_cast<int32_t>(gen() % V);
@@ -224,7 +229,8 @@ int RunChild(const std::string& shape_name, const fs::path& workdir, int threads
 }  // namespace
 
 int BenchEngineMain(int argc, char** argv, const char* self_exe) {
-  auto args = Args::Parse(argc, argv, {"json", "threads", "models", "workdir", "child"}, {});
+  auto args = Args::Parse(argc, argv,
+                          {"json", "threads", "models", "workdir", "child", "kv-cache-dtype"}, {});
   if (!args.ok()) {
     std::fprintf(stderr, "duet bench-engine: %s\n", std::string(args.status().message()).c_str());
     return 2;
@@ -236,7 +242,15 @@ int BenchEngineMain(int argc, char** argv, const char* self_exe) {
   }
   const fs::path workdir =
       args->Get("workdir").value_or((fs::temp_directory_path() / "duet-bench-models").string());
-  if (auto child = args->Get("child")) return RunChild(*child, workdir, static_cast<int>(*threads));
+  const std::string kv_cache_s = args->Get("kv-cache-dtype").value_or("f32");
+  const auto kv_cache_dtype = model::ParseKvCacheDtype(kv_cache_s);
+  if (!kv_cache_dtype.ok()) {
+    std::fprintf(stderr, "duet bench-engine: %s\n",
+                 std::string(kv_cache_dtype.status().message()).c_str());
+    return 2;
+  }
+  if (auto child = args->Get("child"))
+    return RunChild(*child, workdir, static_cast<int>(*threads), *kv_cache_dtype);
 
   kernels::SetNumThreads(static_cast<int>(*threads));
   std::vector<std::string> models = {"gpt2-124m", "tinyllama-1.1b"};
@@ -268,7 +282,8 @@ int BenchEngineMain(int argc, char** argv, const char* self_exe) {
     const std::string threads_s = std::to_string(*threads), workdir_s = workdir.string();
     std::vector<const char*> cargv = {self_exe,      "bench-engine", "--child",
                                       m.c_str(),     "--threads",    threads_s.c_str(),
-                                      "--workdir",   workdir_s.c_str(), nullptr};
+                                      "--workdir",   workdir_s.c_str(), "--kv-cache-dtype",
+                                      kv_cache_s.c_str(), nullptr};
     pid_t pid;
     if (posix_spawn(&pid, self_exe, &fa, nullptr, const_cast<char* const*>(cargv.data()),
                     environ) != 0) {
@@ -303,9 +318,9 @@ int BenchEngineMain(int argc, char** argv, const char* self_exe) {
   }
 
   std::printf(
-      "\nduet bench-engine  (bf16, %lld threads, read bandwidth %.1f GB/s: the higher of %.1f "
-      "before and %.1f after the models)\n",
-      static_cast<long long>(*threads), bw, bw_before, bw_after);
+      "\nduet bench-engine  (bf16 weights, %s K/V cache, %lld threads, read bandwidth %.1f GB/s: "
+      "the higher of %.1f before and %.1f after the models)\n",
+      kv_cache_s.c_str(), static_cast<long long>(*threads), bw, bw_before, bw_after);
   std::printf("%-16s %12s %12s %10s %10s %10s %10s %8s %9s\n", "model", "prefill-128",
               "prefill-512", "decode-1", "decode-4", "decode-16", "ceiling-1", "1/ceil",
               "RSS(MiB)");

@@ -394,7 +394,9 @@ int Usage(const std::string& msg) {
 
 int BenchPairMain(int argc, char** argv) {
   auto a = Args::Parse(
-      argc, argv, {"json", "threads", "workdir", "prefill-bin", "decode-bin", "tokenizer"}, {});
+      argc, argv,
+      {"json", "threads", "workdir", "prefill-bin", "decode-bin", "tokenizer", "kv-cache-dtype"},
+      {});
   if (!a.ok()) return Usage(std::string(a.status().message()));
   // Both servers run on this one machine, as they would on two nodes of their own: by default each
   // gets half the cores (and the one-process reference the same count). Giving each all cores
@@ -405,6 +407,9 @@ int BenchPairMain(int argc, char** argv) {
     return Usage("--threads must be a positive integer");
   }
   const int n_threads = static_cast<int>(*threads);
+  const std::string kv_cache_s = a->Get("kv-cache-dtype").value_or("f32");
+  const auto kv_cache_dtype = model::ParseKvCacheDtype(kv_cache_s);
+  if (!kv_cache_dtype.ok()) return Usage(std::string(kv_cache_dtype.status().message()));
   const fs::path workdir =
       a->Get("workdir").value_or((fs::temp_directory_path() / "duet-bench-pair").string());
   const fs::path prefill_bin =
@@ -437,11 +442,12 @@ int BenchPairMain(int argc, char** argv) {
   json out;
   out["model"] = shape.name;
   out["threads"] = n_threads;
+  out["kv_cache_dtype"] = kv_cache_s;
   std::mt19937_64 gen(20240611);
 
   // The in-process model (for the one-process figures and the K/V shape).
   kernels::SetNumThreads(n_threads);
-  auto model = model::Model::Load(model_dir, {kernels::Precision::kBF16});
+  auto model = model::Model::Load(model_dir, {kernels::Precision::kBF16, *kv_cache_dtype});
   if (!model.ok()) return Fail(model.status());
   const kv::KvShape kv_shape = (*model)->kv_shape(16);
   const std::pair<const char*, v1::KvDtype> kDtypes[] = {
@@ -462,14 +468,14 @@ int BenchPairMain(int argc, char** argv) {
     auto prefill = ChildServer::Start(
         "duet-prefill", prefill_bin,
         {"--model", model_dir.string(), "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
-         "--threads", threads_s},
+         "--threads", threads_s, "--kv-cache-dtype", kv_cache_s},
         workdir / "duet-prefill.log", 120);
     if (!prefill.ok()) return Fail(prefill.status());
     std::fprintf(stderr, "starting %s\n", decode_bin.c_str());
     auto decode = ChildServer::Start(
         "duet-decode", decode_bin,
         {"--model", model_dir.string(), "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
-         "--threads", threads_s,
+         "--threads", threads_s, "--kv-cache-dtype", kv_cache_s,
          "--prefill", (*prefill)->address(), "--kv-dtype", "bf16", "--kv-cache-mb", "256"},
         workdir / "duet-decode.log", 120);
     if (!decode.ok()) return Fail(decode.status());
@@ -581,8 +587,10 @@ int BenchPairMain(int argc, char** argv) {
     out["codec"] = codec;
     for (const auto& r : codec["results"]) {
       const double enc = r["encode_gb_s"].get<double>(), dec = r["decode_gb_s"].get<double>();
-      std::printf("  codec %-5s encode %6.2f GB/s, decode %6.2f GB/s: %s (>= %.0f GB/s each)\n",
-                  r["dtype"].get<std::string>().c_str(), enc, dec,
+      std::printf(
+          "  codec %-4s cache, %-4s wire: encode %6.2f GB/s, decode %6.2f GB/s: %s (>= %.0f GB/s "
+          "each)\n",
+                  r["cache"].get<std::string>().c_str(), r["dtype"].get<std::string>().c_str(), enc, dec,
                   verdict(enc >= kCodecTargetGbS && dec >= kCodecTargetGbS), kCodecTargetGbS);
     }
   }

@@ -37,13 +37,17 @@ constexpr const char* kUsage =
     "  run          --model DIR --prompt TEXT [--max-tokens N] [--temperature T] [--top-k K]\n"
     "               [--top-p P] [--min-p P] [--repetition-penalty R] [--seed S] [--stop STR]...\n"
     "               [--ignore-eos] [--precision bf16|f32] [--threads N] [--no-special-tokens]\n"
+    "               [--kv-cache-dtype f32|f16]\n"
     "  logits       --model DIR --token-ids 1,2,3 [--precision f32|bf16] [--threads N]\n"
+    "               [--kv-cache-dtype f32|f16]\n"
     "  tokenize     --model DIR --text TEXT [--add-special-tokens]\n"
     "  detokenize   --model DIR --ids 1,2,3\n"
     "  bench-engine [--json FILE] [--threads N] [--models gpt2-124m,tinyllama-1.1b]\n"
+    "               [--kv-cache-dtype f32|f16]\n"
     "  bench-codec  [--tokens N] [--runs N] [--json FILE]\n"
     "  bench-pair   [--json FILE] [--threads N per server, default cores/2] [--workdir DIR]\n"
     "               [--prefill-bin PATH] [--decode-bin PATH] [--tokenizer FILE]\n"
+    "               [--kv-cache-dtype f32|f16]\n"
     "  generate     --server ADDR --prompt TEXT [--max-tokens N] [--temperature T] [--top-k K]\n"
     "               [--top-p P] [--min-p P] [--repetition-penalty R] [--seed S] [--stop STR]...\n"
     "               [--ignore-eos] [--session ID] [--open-session] [--timeout-s S]\n"
@@ -76,7 +80,9 @@ absl::StatusOr<std::unique_ptr<duet::model::Model>> LoadModel(const Args& a, con
   if (!dir.ok()) return dir.status();
   auto p = ParsePrecision(a, prec);
   if (!p.ok()) return p.status();
-  return duet::model::Model::Load(*dir, {*p});
+  auto kv = duet::model::ParseKvCacheDtype(a.Get("kv-cache-dtype").value_or("f32"));
+  if (!kv.ok()) return kv.status();
+  return duet::model::Model::Load(*dir, {*p, *kv});
 }
 
 absl::StatusOr<std::unique_ptr<duet::tokenizer::Tokenizer>> LoadTokenizer(const Args& a) {
@@ -88,7 +94,8 @@ absl::StatusOr<std::unique_ptr<duet::tokenizer::Tokenizer>> LoadTokenizer(const 
 int Run(int argc, char** argv) {
   auto a = Args::Parse(argc, argv,
                        {"model", "prompt", "max-tokens", "temperature", "top-k", "top-p", "min-p",
-                        "repetition-penalty", "seed", "stop", "precision", "threads"},
+                        "repetition-penalty", "seed", "stop", "precision", "threads",
+                        "kv-cache-dtype"},
                        {"ignore-eos", "no-special-tokens"});
   if (!a.ok()) return Fail("run", a.status());
   if (auto s = SetThreads(*a); !s.ok()) return Fail("run", s);
@@ -142,7 +149,8 @@ int Run(int argc, char** argv) {
 }
 
 int Logits(int argc, char** argv) {
-  auto a = Args::Parse(argc, argv, {"model", "token-ids", "precision", "threads"}, {});
+  auto a = Args::Parse(argc, argv, {"model", "token-ids", "precision", "threads", "kv-cache-dtype"},
+                       {});
   if (!a.ok()) return Fail("logits", a.status());
   if (auto s = SetThreads(*a); !s.ok()) return Fail("logits", s);
   auto ids_s = a->Require("token-ids");

@@ -1,20 +1,70 @@
 #include "duet/kernels/attention.h"
 
+#include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
+#include "duet/tensor/dtype.h"
 #include "fast_math.h"
 
-#include <immintrin.h>
-
 namespace duet::kernels {
+
+// ---- PagedKvLayout: one position's K or V in either element type ----
+
+void PagedKvLayout::StoreK(int32_t block, int32_t kv_head, int32_t slot, const float* k) const {
+  const int64_t o = k_offset(block, kv_head) + slot;
+  if (dtype == KvDtype::kF32) {
+    float* kt = static_cast<float*>(base) + o;
+    for (int32_t t = 0; t < head_dim; ++t) kt[static_cast<int64_t>(t) * block_size] = k[t];
+  } else {
+    uint16_t* kt = static_cast<uint16_t*>(base) + o;
+    for (int32_t t = 0; t < head_dim; ++t)
+      kt[static_cast<int64_t>(t) * block_size] = F32ToF16Sat(k[t]);
+  }
+}
+
+void PagedKvLayout::LoadK(int32_t block, int32_t kv_head, int32_t slot, float* k) const {
+  const int64_t o = k_offset(block, kv_head) + slot;
+  if (dtype == KvDtype::kF32) {
+    const float* kt = static_cast<const float*>(base) + o;
+    for (int32_t t = 0; t < head_dim; ++t) k[t] = kt[static_cast<int64_t>(t) * block_size];
+  } else {
+    const uint16_t* kt = static_cast<const uint16_t*>(base) + o;
+    for (int32_t t = 0; t < head_dim; ++t) k[t] = F16ToF32(kt[static_cast<int64_t>(t) * block_size]);
+  }
+}
+
+void PagedKvLayout::StoreV(int32_t block, int32_t kv_head, int32_t slot, const float* v) const {
+  if (dtype == KvDtype::kF32) {
+    std::memcpy(V<float>(block, kv_head, slot), v, head_dim * sizeof(float));
+  } else {
+    ConvertF32ToF16Sat(v, V<uint16_t>(block, kv_head, slot), head_dim);
+  }
+}
+
+void PagedKvLayout::LoadV(int32_t block, int32_t kv_head, int32_t slot, float* v) const {
+  if (dtype == KvDtype::kF32) {
+    std::memcpy(v, V<float>(block, kv_head, slot), head_dim * sizeof(float));
+  } else {
+    ConvertF16ToF32(V<uint16_t>(block, kv_head, slot), v, head_dim);
+  }
+}
+
 namespace {
 
-// A unit of work: one sequence, one kv head, a tile of consecutive new rows. All query heads of
-// the kv head's group and all rows of the tile share each K/V block while it is in L1.
+// Attention runs in three passes over chunks of the context (kChunkBlocks blocks at a time):
+// (1) the scores of every query of a work item against every slot of the chunk, (2) one softmax
+// update per query over the whole chunk (running max and sum carried from chunk to chunk, as in
+// flash attention, but once per chunk instead of once per block), (3) the probabilities times V.
+// A chunk's scores stay in a per-thread buffer of queries x chunk slots.
+constexpr int32_t kChunkBlocks = 32;
+
+// A unit of work: one sequence, a run of kv heads, a tile of consecutive new rows. All query
+// heads of a kv head's group and all rows of the tile share each K/V block while it is in L1.
 struct WorkItem {
   int32_t seq;
   int32_t kv_head0, kv_head1;  // kv heads [kv_head0, kv_head1)
@@ -26,6 +76,9 @@ bool HasAvx512() {
   return has;
 }
 
+inline float ToF32(float x) { return x; }
+inline float ToF32(uint16_t x) { return F16ToF32(x); }
+
 // GCC 12 reports the deliberately undefined vectors inside its own AVX-512 intrinsics
 // (_mm512_undefined_ps, used by set1/reduce) as "used uninitialized" once they are inlined into
 // a target("avx512f") function; the warning is about the header, not this code.
@@ -33,60 +86,259 @@ bool HasAvx512() {
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-// One query against one K/V block of 16 slots (K transposed [d][16], V [16][d]), updating the
-// online softmax state (m, l) and the accumulator acc[d]: all 16 scores in one register, four
-// independent FMA chains for q.k (latency, not throughput, bounds a single chain), the V rows
-// accumulated into head_dim/16 registers.
-__attribute__((target("avx512f"))) void Block16(const float* qh, float scale, const float* kt,
-                                                const float* vb, int32_t d, int32_t n_valid,
-                                                float* m, float* l, float* acc) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  for (int32_t t = 0; t < d; t += 4) {
-    a0 = _mm512_fmadd_ps(_mm512_set1_ps(qh[t]), _mm512_loadu_ps(kt + t * 16), a0);
-    a1 = _mm512_fmadd_ps(_mm512_set1_ps(qh[t + 1]), _mm512_loadu_ps(kt + (t + 1) * 16), a1);
-    a2 = _mm512_fmadd_ps(_mm512_set1_ps(qh[t + 2]), _mm512_loadu_ps(kt + (t + 2) * 16), a2);
-    a3 = _mm512_fmadd_ps(_mm512_set1_ps(qh[t + 3]), _mm512_loadu_ps(kt + (t + 3) * 16), a3);
+// 16 cache elements as f32 lanes (f32, or IEEE half: one conversion instruction).
+__attribute__((target("avx512f"))) inline __m512 Load16(const float* p) {
+  return _mm512_loadu_ps(p);
+}
+__attribute__((target("avx512f"))) inline __m512 Load16(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// Scores of NQ queries (q: [NQ][d], already scaled) against one block of 16 slots (kt: K
+// transposed [d][16]): s[i * ld + j] = q_i . k_j. Each K row is loaded once for all NQ queries;
+// C independent chains per query keep eight FMAs in flight.
+template <typename T, int NQ>
+__attribute__((target("avx512f"))) void ScoresBlock(const T* kt, const float* q, int32_t d,
+                                                    float* s, int64_t ld) {
+  constexpr int C = NQ >= 8 ? 1 : 8 / NQ;
+  __m512 a[NQ][C];
+  for (int i = 0; i < NQ; ++i)
+    for (int c = 0; c < C; ++c) a[i][c] = _mm512_setzero_ps();
+  for (int32_t t = 0; t < d; t += C) {
+    for (int c = 0; c < C; ++c) {
+      const __m512 k = Load16(kt + static_cast<int64_t>(t + c) * 16);
+      for (int i = 0; i < NQ; ++i)
+        a[i][c] = _mm512_fmadd_ps(_mm512_set1_ps(q[i * d + t + c]), k, a[i][c]);
+    }
   }
-  const __mmask16 valid = static_cast<__mmask16>((1u << n_valid) - 1u);
-  __m512 sc = _mm512_mul_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)),
-                            _mm512_set1_ps(scale));
-  sc = _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), sc);
-  const float mb = std::max(*m, _mm512_reduce_max_ps(sc));
-  const __m512 p = _mm512_maskz_mov_ps(valid, FastExp16(_mm512_sub_ps(sc, _mm512_set1_ps(mb))));
-  const float alpha = FastExp(*m - mb);
-  *l = *l * alpha + _mm512_reduce_add_ps(p);
-  *m = mb;
-  alignas(64) float pj[16];
-  _mm512_store_ps(pj, p);
-  const __m512 al = _mm512_set1_ps(alpha);
-  if (d == 64) {
-    __m512 o0 = _mm512_mul_ps(_mm512_loadu_ps(acc), al);
-    __m512 o1 = _mm512_mul_ps(_mm512_loadu_ps(acc + 16), al);
-    __m512 o2 = _mm512_mul_ps(_mm512_loadu_ps(acc + 32), al);
-    __m512 o3 = _mm512_mul_ps(_mm512_loadu_ps(acc + 48), al);
-    for (int32_t j = 0; j < n_valid; ++j) {
-      const __m512 pv = _mm512_set1_ps(pj[j]);
-      const float* v = vb + j * 64;
-      o0 = _mm512_fmadd_ps(pv, _mm512_loadu_ps(v), o0);
-      o1 = _mm512_fmadd_ps(pv, _mm512_loadu_ps(v + 16), o1);
-      o2 = _mm512_fmadd_ps(pv, _mm512_loadu_ps(v + 32), o2);
-      o3 = _mm512_fmadd_ps(pv, _mm512_loadu_ps(v + 48), o3);
-    }
-    _mm512_storeu_ps(acc, o0);
-    _mm512_storeu_ps(acc + 16, o1);
-    _mm512_storeu_ps(acc + 32, o2);
-    _mm512_storeu_ps(acc + 48, o3);
-  } else {
-    for (int32_t t = 0; t < d; t += 16) {
-      __m512 o = _mm512_mul_ps(_mm512_loadu_ps(acc + t), al);
-      for (int32_t j = 0; j < n_valid; ++j)
-        o = _mm512_fmadd_ps(_mm512_set1_ps(pj[j]), _mm512_loadu_ps(vb + j * d + t), o);
-      _mm512_storeu_ps(acc + t, o);
-    }
+  for (int i = 0; i < NQ; ++i) {
+    __m512 sum = a[i][0];
+    for (int c = 1; c < C; ++c) sum = _mm512_add_ps(sum, a[i][c]);
+    _mm512_storeu_ps(s + i * ld, sum);
   }
 }
 
+template <typename T>
+void ScoresBlockAll(const T* kt, const float* q, int32_t nq, int32_t d, float* s, int64_t ld) {
+  int32_t i = 0;
+  for (; i + 8 <= nq; i += 8) ScoresBlock<T, 8>(kt, q + i * d, d, s + i * ld, ld);
+  if (i + 4 <= nq) ScoresBlock<T, 4>(kt, q + i * d, d, s + i * ld, ld), i += 4;
+  if (i + 2 <= nq) ScoresBlock<T, 2>(kt, q + i * d, d, s + i * ld, ld), i += 2;
+  if (i < nq) ScoresBlock<T, 1>(kt, q + i * d, d, s + i * ld, ld);
+}
+
+// acc_i[t0, t0 + 16W) += sum_{j < n} p_i[j] v_j[t0, t0 + 16W) for NQ queries over one block's V
+// rows (vb: [16][d]). Two chains (even and odd j) per accumulator.
+template <typename T, int NQ, int W>
+__attribute__((target("avx512f"))) void AccumulateSlab(const T* vb, const float* const* p,
+                                                       int32_t n, int32_t d, int32_t t0,
+                                                       float* const* acc) {
+  __m512 a[NQ][W], b[NQ][W];
+  for (int i = 0; i < NQ; ++i)
+    for (int w = 0; w < W; ++w) {
+      a[i][w] = _mm512_loadu_ps(acc[i] + t0 + 16 * w);
+      b[i][w] = _mm512_setzero_ps();
+    }
+  int32_t j = 0;
+  for (; j + 2 <= n; j += 2) {
+    const T* v0 = vb + static_cast<int64_t>(j) * d + t0;
+    const T* v1 = v0 + d;
+    for (int w = 0; w < W; ++w) {
+      const __m512 x0 = Load16(v0 + 16 * w), x1 = Load16(v1 + 16 * w);
+      for (int i = 0; i < NQ; ++i) {
+        a[i][w] = _mm512_fmadd_ps(_mm512_set1_ps(p[i][j]), x0, a[i][w]);
+        b[i][w] = _mm512_fmadd_ps(_mm512_set1_ps(p[i][j + 1]), x1, b[i][w]);
+      }
+    }
+  }
+  if (j < n) {
+    const T* v0 = vb + static_cast<int64_t>(j) * d + t0;
+    for (int w = 0; w < W; ++w) {
+      const __m512 x0 = Load16(v0 + 16 * w);
+      for (int i = 0; i < NQ; ++i)
+        a[i][w] = _mm512_fmadd_ps(_mm512_set1_ps(p[i][j]), x0, a[i][w]);
+    }
+  }
+  for (int i = 0; i < NQ; ++i)
+    for (int w = 0; w < W; ++w)
+      _mm512_storeu_ps(acc[i] + t0 + 16 * w, _mm512_add_ps(a[i][w], b[i][w]));
+}
+
+template <typename T, int NQ>
+void AccumulateV(const T* vb, const float* const* p, int32_t n, int32_t d, float* const* acc) {
+  int32_t t = 0;
+  for (; t + 32 <= d; t += 32) AccumulateSlab<T, NQ, 2>(vb, p, n, d, t, acc);
+  if (t < d) AccumulateSlab<T, NQ, 1>(vb, p, n, d, t, acc);
+}
+
+// Softmax update of one query over `len` scores of a chunk (s, in place: scores in,
+// probabilities out; zero past n_valid): running max m and sum l, accumulator rescaled.
+__attribute__((target("avx512f"))) void SoftmaxChunkWide(float* s, int32_t n_valid, int32_t len,
+                                                         float* m, float* l, float* acc,
+                                                         int32_t d) {
+  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  for (int32_t j = 0; j < n_valid; j += 16) {
+    const int32_t r = std::min(16, n_valid - j);
+    const __mmask16 k = static_cast<__mmask16>((1u << r) - 1u);
+    vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), k, s + j));
+  }
+  const float mb = std::max(*m, _mm512_reduce_max_ps(vmax));
+  const __m512 vm = _mm512_set1_ps(mb);
+  __m512 vsum = _mm512_setzero_ps();
+  for (int32_t j = 0; j < len; j += 16) {
+    const int32_t r = std::clamp(n_valid - j, 0, 16);
+    const __mmask16 k = static_cast<__mmask16>((1u << r) - 1u);
+    const __m512 p = _mm512_maskz_mov_ps(k, FastExp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), vm)));
+    vsum = _mm512_add_ps(vsum, p);
+    _mm512_storeu_ps(s + j, p);
+  }
+  const float alpha = FastExp(*m - mb);
+  *l = *l * alpha + _mm512_reduce_add_ps(vsum);
+  *m = mb;
+  const __m512 al = _mm512_set1_ps(alpha);
+  for (int32_t t = 0; t < d; t += 16)
+    _mm512_storeu_ps(acc + t, _mm512_mul_ps(_mm512_loadu_ps(acc + t), al));
+}
+
 #pragma GCC diagnostic pop
+
+void SoftmaxChunkScalar(float* s, int32_t n_valid, int32_t len, float* m, float* l, float* acc,
+                        int32_t d) {
+  float mb = *m;
+  for (int32_t j = 0; j < n_valid; ++j) mb = std::max(mb, s[j]);
+  float sum = 0.f;
+  for (int32_t j = 0; j < n_valid; ++j) {
+    s[j] = FastExp(s[j] - mb);
+    sum += s[j];
+  }
+  for (int32_t j = n_valid; j < len; ++j) s[j] = 0.f;
+  const float alpha = FastExp(*m - mb);
+  *l = *l * alpha + sum;
+  *m = mb;
+  for (int32_t t = 0; t < d; ++t) acc[t] *= alpha;
+}
+
+// Per-thread scratch, kept across calls (OpenMP's threads persist): no allocation per layer.
+struct Scratch {
+  std::vector<float> q;    // [nq][d] scaled queries of the work item
+  std::vector<float> s;    // [nq][chunk slots] scores, then probabilities
+  std::vector<float> m, l;  // [nq] running max and sum
+  std::vector<float> acc;  // [nq][d]
+  std::vector<int32_t> pos;  // [nq] position of each query's row
+};
+
+template <typename T>
+void RunItem(const WorkItem& it, const float* q, int64_t q_stride, const PagedKvLayout& kv,
+             const AttentionSeq& seq, int32_t group, float scale, bool wide, Scratch& sc,
+             float* out, int64_t out_stride) {
+  const int32_t d = kv.head_dim, bs = kv.block_size;
+  const int32_t nq1 = (it.row1 - it.row0) * group;  // queries per kv head
+  const int32_t nq = nq1 * (it.kv_head1 - it.kv_head0);
+  const int64_t ld = static_cast<int64_t>(kChunkBlocks) * bs;
+  // Query qi: kv head g = kv_head0 + qi / nq1, row = row0 + (qi % nq1) / group,
+  // head h = g * group + (qi % nq1) % group.
+  for (int32_t qi = 0; qi < nq; ++qi) {
+    const int32_t g = it.kv_head0 + qi / nq1;
+    const int32_t row = it.row0 + (qi % nq1) / group;
+    const int32_t h = g * group + (qi % nq1) % group;
+    const float* src = q + (seq.row_begin + row) * q_stride + static_cast<int64_t>(h) * d;
+    float* dst = sc.q.data() + static_cast<int64_t>(qi) * d;
+    for (int32_t t = 0; t < d; ++t) dst[t] = src[t] * scale;
+    sc.pos[qi] = seq.n_past + row;
+  }
+  std::fill(sc.m.begin(), sc.m.begin() + nq, -INFINITY);
+  std::fill(sc.l.begin(), sc.l.begin() + nq, 0.f);
+  std::fill(sc.acc.begin(), sc.acc.begin() + static_cast<int64_t>(nq) * d, 0.f);
+  const int32_t n_blocks = (seq.n_past + it.row1 - 1) / bs + 1;
+  const T* base = static_cast<const T*>(kv.base);
+
+  for (int32_t c0 = 0; c0 < n_blocks; c0 += kChunkBlocks) {
+    const int32_t c1 = std::min(n_blocks, c0 + kChunkBlocks);
+    const int32_t len = (c1 - c0) * bs;
+    // (1) Scores. Blocks outer, kv heads inner: a block's heads lie next to each other.
+    for (int32_t b = c0; b < c1; ++b) {
+      const int32_t block = seq.block_table[b];
+      for (int32_t g = it.kv_head0; g < it.kv_head1; ++g) {
+        const T* kt = base + kv.k_offset(block, g);
+        const int32_t qi0 = (g - it.kv_head0) * nq1;
+        float* s = sc.s.data() + qi0 * ld + (b - c0) * bs;
+        const float* qq = sc.q.data() + static_cast<int64_t>(qi0) * d;
+        if (wide) {
+          ScoresBlockAll(kt, qq, nq1, d, s, ld);
+        } else {
+          for (int32_t i = 0; i < nq1; ++i) {
+            for (int32_t j = 0; j < bs; ++j) {
+              float dot = 0.f;
+              for (int32_t t = 0; t < d; ++t)
+                dot += qq[i * d + t] * ToF32(kt[static_cast<int64_t>(t) * bs + j]);
+              s[i * ld + j] = dot;
+            }
+          }
+        }
+      }
+    }
+    // (2) Softmax over the chunk, per query (causal: slots past the query's position are out).
+    for (int32_t qi = 0; qi < nq; ++qi) {
+      const int32_t n_valid = std::min(len, sc.pos[qi] - c0 * bs + 1);
+      if (n_valid <= 0) continue;
+      float* s = sc.s.data() + qi * ld;
+      float* acc = sc.acc.data() + static_cast<int64_t>(qi) * d;
+      if (wide) {
+        SoftmaxChunkWide(s, n_valid, len, &sc.m[qi], &sc.l[qi], acc, d);
+      } else {
+        SoftmaxChunkScalar(s, n_valid, len, &sc.m[qi], &sc.l[qi], acc, d);
+      }
+    }
+    // (3) Probabilities times V, queries of equal valid length together.
+    for (int32_t b = c0; b < c1; ++b) {
+      const int32_t block = seq.block_table[b];
+      for (int32_t g = it.kv_head0; g < it.kv_head1; ++g) {
+        const T* vb = base + kv.v_offset(block, g, 0);
+        const int32_t qi0 = (g - it.kv_head0) * nq1;
+        for (int32_t i = 0; i < nq1;) {
+          const int32_t qi = qi0 + i;
+          const int32_t n = std::min(bs, sc.pos[qi] - b * bs + 1);
+          int32_t run = 1;
+          while (run < 4 && i + run < nq1 &&
+                 std::min(bs, sc.pos[qi + run] - b * bs + 1) == n) {
+            ++run;
+          }
+          if (n > 0) {
+            const float* p[4];
+            float* acc[4];
+            for (int32_t r = 0; r < run; ++r) {
+              p[r] = sc.s.data() + (qi + r) * ld + (b - c0) * bs;
+              acc[r] = sc.acc.data() + static_cast<int64_t>(qi + r) * d;
+            }
+            if (wide) {
+              switch (run) {
+                case 4: AccumulateV<T, 4>(vb, p, n, d, acc); break;
+                case 3: AccumulateV<T, 3>(vb, p, n, d, acc); break;
+                case 2: AccumulateV<T, 2>(vb, p, n, d, acc); break;
+                default: AccumulateV<T, 1>(vb, p, n, d, acc); break;
+              }
+            } else {
+              for (int32_t r = 0; r < run; ++r)
+                for (int32_t j = 0; j < n; ++j)
+                  for (int32_t t = 0; t < d; ++t)
+                    acc[r][t] += p[r][j] * ToF32(vb[static_cast<int64_t>(j) * d + t]);
+            }
+          }
+          i += run;
+        }
+      }
+    }
+  }
+  for (int32_t qi = 0; qi < nq; ++qi) {
+    const int32_t g = it.kv_head0 + qi / nq1;
+    const int32_t row = it.row0 + (qi % nq1) / group;
+    const int32_t h = g * group + (qi % nq1) % group;
+    float* o = out + (seq.row_begin + row) * out_stride + static_cast<int64_t>(h) * d;
+    const float* a = sc.acc.data() + static_cast<int64_t>(qi) * d;
+    const float inv = 1.f / sc.l[qi];
+    for (int32_t t = 0; t < d; ++t) o[t] = a[t] * inv;
+  }
+}
 
 }  // namespace
 
@@ -101,122 +353,47 @@ void PagedAttention(const float* q, int64_t q_stride, const PagedKvLayout& kv,
 
   std::vector<WorkItem> work;
   // Few tiles (decode): an item takes a run of adjacent kv heads, whose K (and V) lie next to each
-  // other in every block, so each thread streams long contiguous ranges instead of 4 KiB pieces;
+  // other in every block, so each thread streams long contiguous ranges instead of small pieces;
   // about two items per thread keep the threads balanced. Many tiles (prefill): one head each.
   int64_t n_tiles = 0;
   for (int32_t s = 0; s < n_seqs; ++s) n_tiles += (seqs[s].n_new + tile_rows - 1) / tile_rows;
   const int64_t per_thread = 2 * static_cast<int64_t>(std::max(1, omp_get_max_threads()));
   const int32_t heads_per_item = static_cast<int32_t>(
       std::clamp<int64_t>(n_tiles * kv.n_kv_heads / per_thread, 1, kv.n_kv_heads));
-  for (int32_t s = 0; s < n_seqs; ++s)
-    for (int32_t r0 = 0; r0 < seqs[s].n_new; r0 += tile_rows)
-      for (int32_t g = 0; g < kv.n_kv_heads; g += heads_per_item)
-        work.push_back({s, g, std::min(kv.n_kv_heads, g + heads_per_item), r0,
-                        std::min(seqs[s].n_new, r0 + tile_rows)});
+  int32_t max_q = 1;
+  for (int32_t s = 0; s < n_seqs; ++s) {
+    for (int32_t r0 = 0; r0 < seqs[s].n_new; r0 += tile_rows) {
+      const int32_t r1 = std::min(seqs[s].n_new, r0 + tile_rows);
+      for (int32_t g = 0; g < kv.n_kv_heads; g += heads_per_item) {
+        const int32_t g1 = std::min(kv.n_kv_heads, g + heads_per_item);
+        work.push_back({s, g, g1, r0, r1});
+        max_q = std::max(max_q, (r1 - r0) * group * (g1 - g));
+      }
+    }
+  }
   const int64_t n_work = static_cast<int64_t>(work.size());
+  const size_t chunk_slots = static_cast<size_t>(kChunkBlocks) * bs;
 
 #pragma omp parallel if (n_work > 1)
   {
-    const int32_t max_q = tile_rows * group * heads_per_item;
-    // Per-thread scratch kept across calls (OpenMP's threads persist): no allocation per layer.
-    thread_local std::vector<float> m, l, acc, sc;
-    if (m.size() < static_cast<size_t>(max_q)) {
-      m.resize(max_q);
-      l.resize(max_q);
+    thread_local Scratch sc;
+    const size_t nq = static_cast<size_t>(max_q);
+    if (sc.m.size() < nq) {
+      sc.m.resize(nq);
+      sc.l.resize(nq);
+      sc.pos.resize(nq);
     }
-    if (acc.size() < static_cast<size_t>(max_q) * d) acc.resize(static_cast<size_t>(max_q) * d);
-    if (sc.size() < static_cast<size_t>(bs)) sc.resize(bs);
+    if (sc.q.size() < nq * d) sc.q.resize(nq * d);
+    if (sc.acc.size() < nq * d) sc.acc.resize(nq * d);
+    if (sc.s.size() < nq * chunk_slots) sc.s.resize(nq * chunk_slots);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t w = n_work - 1; w >= 0; --w) {  // longest (latest rows) first
       const WorkItem& it = work[w];
-      const AttentionSeq& seq = seqs[it.seq];
-      const int32_t nq1 = (it.row1 - it.row0) * group;  // queries per kv head
-      const int32_t nq = nq1 * (it.kv_head1 - it.kv_head0);
-      std::fill(m.begin(), m.begin() + nq, -INFINITY);
-      std::fill(l.begin(), l.begin() + nq, 0.f);
-      std::fill(acc.begin(), acc.begin() + static_cast<int64_t>(nq) * d, 0.f);
-      const int32_t last_pos = seq.n_past + it.row1 - 1;
-      for (int32_t b = 0; b * bs <= last_pos; ++b) {
-        const int32_t block = seq.block_table[b];
-        for (int32_t g = it.kv_head0; g < it.kv_head1; ++g) {
-          const float* kt = kv.KT(block, g);
-          const float* vb = kv.V(block, g, 0);
-          for (int32_t qi1 = 0; qi1 < nq1; ++qi1) {
-            const int32_t qi = (g - it.kv_head0) * nq1 + qi1;
-            const int32_t row = it.row0 + qi1 / group;
-            const int32_t h = g * group + qi1 % group;
-            const int32_t pos = seq.n_past + row;
-            const int32_t n_valid = std::min(bs, pos - b * bs + 1);
-            if (n_valid <= 0) continue;
-            const float* qh = q + (seq.row_begin + row) * q_stride + static_cast<int64_t>(h) * d;
-            if (wide) {
-              Block16(qh, scale, kt, vb, d, n_valid, &m[qi], &l[qi],
-                      acc.data() + static_cast<int64_t>(qi) * d);
-              continue;
-            }
-            // Scores of this block's slots, as vectors over slots.
-            float* s = sc.data();
-            if (bs == 16) {
-              __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-              for (int32_t t = 0; t < d; ++t) {
-                const __m256 qt = _mm256_set1_ps(qh[t] * scale);
-                s0 = _mm256_fmadd_ps(qt, _mm256_loadu_ps(kt + t * 16), s0);
-                s1 = _mm256_fmadd_ps(qt, _mm256_loadu_ps(kt + t * 16 + 8), s1);
-              }
-              _mm256_storeu_ps(s, s0);
-              _mm256_storeu_ps(s + 8, s1);
-            } else {
-              std::fill(s, s + bs, 0.f);
-              for (int32_t t = 0; t < d; ++t) {
-                const float qt = qh[t] * scale;
-                const float* kr = kt + static_cast<int64_t>(t) * bs;
-#pragma omp simd
-                for (int32_t j = 0; j < bs; ++j) s[j] += qt * kr[j];
-              }
-            }
-            float mb = m[qi];
-            for (int32_t j = 0; j < n_valid; ++j) mb = std::max(mb, s[j]);
-            // Online softmax: rescale what was accumulated to the new running max.
-            const float alpha = FastExp(m[qi] - mb);
-            float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-            for (int32_t j = 0; j < n_valid; ++j) {
-              s[j] = FastExp(s[j] - mb);
-              sum += s[j];
-            }
-            l[qi] = l[qi] * alpha + sum;
-            m[qi] = mb;
-            float* a = acc.data() + static_cast<int64_t>(qi) * d;
-            if (d % 8 == 0) {
-              // acc = acc * alpha + sum_j p_j v_j, eight lanes of head_dim at a time in a register.
-              const __m256 al = _mm256_set1_ps(alpha);
-              for (int32_t t = 0; t < d; t += 8) {
-                __m256 x = _mm256_mul_ps(_mm256_loadu_ps(a + t), al);
-                for (int32_t j = 0; j < n_valid; ++j)
-                  x = _mm256_fmadd_ps(_mm256_set1_ps(s[j]), _mm256_loadu_ps(vb + j * d + t), x);
-                _mm256_storeu_ps(a + t, x);
-              }
-            } else {
-#pragma omp simd
-              for (int32_t t = 0; t < d; ++t) a[t] *= alpha;
-              for (int32_t j = 0; j < n_valid; ++j) {
-                const float p = s[j];
-                const float* v = vb + static_cast<int64_t>(j) * d;
-#pragma omp simd
-                for (int32_t t = 0; t < d; ++t) a[t] += p * v[t];
-              }
-            }
-          }
-        }
-      }
-      for (int32_t qi = 0; qi < nq; ++qi) {
-        const int32_t g = it.kv_head0 + qi / nq1;
-        const int32_t row = it.row0 + (qi % nq1) / group;
-        const int32_t h = g * group + (qi % nq1) % group;
-        float* o = out + (seq.row_begin + row) * out_stride + static_cast<int64_t>(h) * d;
-        const float* a = acc.data() + static_cast<int64_t>(qi) * d;
-        const float inv = 1.f / l[qi];
-        for (int32_t t = 0; t < d; ++t) o[t] = a[t] * inv;
+      if (kv.dtype == KvDtype::kF32) {
+        RunItem<float>(it, q, q_stride, kv, seqs[it.seq], group, scale, wide, sc, out, out_stride);
+      } else {
+        RunItem<uint16_t>(it, q, q_stride, kv, seqs[it.seq], group, scale, wide, sc, out,
+                          out_stride);
       }
     }
   }

@@ -21,7 +21,7 @@ absl::StatusOr<std::unique_ptr<BlockPool>> BlockPool::Create(const KvShape& shap
 BlockPool::BlockPool(const KvShape& shape, int32_t n_blocks)
     : shape_(shape),
       n_blocks_(n_blocks),
-      memory_(static_cast<size_t>(n_blocks) * shape.floats_per_block() * sizeof(float)) {
+      memory_(static_cast<size_t>(n_blocks) * shape.bytes_per_block()) {
   free_.reserve(n_blocks);
   // Hand out low block ids first.
   for (int32_t b = n_blocks - 1; b >= 0; --b) free_.push_back(b);
@@ -62,8 +62,9 @@ int32_t BlockPool::n_free() const {
 
 kernels::PagedKvLayout BlockPool::Layout(int32_t layer) const {
   kernels::PagedKvLayout l;
-  l.base = const_cast<float*>(memory_.as<float>());
-  l.block_stride = shape_.floats_per_block();
+  l.base = const_cast<void*>(static_cast<const void*>(memory_.data()));
+  l.dtype = shape_.dtype;
+  l.block_stride = shape_.elements_per_block();
   l.layer_offset =
       static_cast<int64_t>(layer) * 2 * shape_.n_kv_heads * shape_.block_size * shape_.head_dim;
   l.block_size = shape_.block_size;

@@ -204,10 +204,14 @@ void Pack(const kernels::PagedKvLayout& l, const int32_t* blocks, int32_t t0, in
           KvPart part, WireType type, uint8_t* wire, float* scales) {
   const int32_t n = t1 - t0, d = l.head_dim, bs = l.block_size;
   const size_t row_bytes = static_cast<size_t>(d) * WireElemSize(type);
-  std::vector<float> tmp;  // one block's K rows, [slot][head_dim], before conversion
-  if (part == KvPart::kK && type != WireType::kF32) {
+  const bool f16_cache = l.dtype == kernels::KvDtype::kF16;
+  // One block's rows as f32 [slot][head_dim] before conversion, and (f16 cache, K) the block's
+  // K widened as [head_dim][slot].
+  std::vector<float> tmp, tmp_t;
+  if ((part == KvPart::kK && type != WireType::kF32) || f16_cache) {
     tmp.resize(static_cast<size_t>(std::min(bs, n)) * d);
   }
+  if (f16_cache && part == KvPart::kK) tmp_t.resize(static_cast<size_t>(std::min(bs, n)) * d);
   for (int32_t h = 0; h < l.n_kv_heads; ++h) {
     // Block by block: slots [s0, s0 + m) of block `b` are wire rows [row, row + m).
     for (int32_t t = t0; t < t1;) {
@@ -215,7 +219,19 @@ void Pack(const kernels::PagedKvLayout& l, const int32_t* blocks, int32_t t0, in
       const int64_t row = static_cast<int64_t>(h) * n + (t - t0);
       uint8_t* out = wire + row * row_bytes;
       float* sc = type == WireType::kInt8 ? scales + row : nullptr;
-      if (part == KvPart::kK) {
+      if (f16_cache) {
+        if (part == KvPart::kK) {
+          const uint16_t* kt = l.KT<uint16_t>(b, h) + s0;  // [head_dim][block_size]
+          for (int32_t i = 0; i < d; ++i) {
+            ConvertF16ToF32(kt + static_cast<int64_t>(i) * bs,
+                            tmp_t.data() + static_cast<int64_t>(i) * m, m);
+          }
+          Transpose(tmp_t.data(), m, tmp.data(), d, d, m);
+        } else {
+          ConvertF16ToF32(l.V<uint16_t>(b, h, s0), tmp.data(), static_cast<size_t>(m) * d);
+        }
+        EncodeRows(tmp.data(), m, d, type, out, sc);
+      } else if (part == KvPart::kK) {
         const float* kt = l.KT(b, h) + s0;  // [head_dim][block_size]
         if (type == WireType::kF32) {
           // Wire buffers are heap strings: 4-byte aligned at every row.
@@ -236,17 +252,31 @@ void Unpack(const kernels::PagedKvLayout& l, const int32_t* blocks, int32_t t0, 
             KvPart part, WireType type, const uint8_t* wire, const float* scales) {
   const int32_t n = t1 - t0, d = l.head_dim, bs = l.block_size;
   const size_t row_bytes = static_cast<size_t>(d) * WireElemSize(type);
-  std::vector<float> tmp;
-  if (part == KvPart::kK && type != WireType::kF32) {
+  const bool f16_cache = l.dtype == kernels::KvDtype::kF16;
+  std::vector<float> tmp, tmp_t;
+  if ((part == KvPart::kK && type != WireType::kF32) || f16_cache) {
     tmp.resize(static_cast<size_t>(std::min(bs, n)) * d);
   }
+  if (f16_cache && part == KvPart::kK) tmp_t.resize(static_cast<size_t>(std::min(bs, n)) * d);
   for (int32_t h = 0; h < l.n_kv_heads; ++h) {
     for (int32_t t = t0; t < t1;) {
       const int32_t b = blocks[t / bs], s0 = t % bs, m = std::min(bs - s0, t1 - t);
       const int64_t row = static_cast<int64_t>(h) * n + (t - t0);
       const uint8_t* in = wire + row * row_bytes;
       const float* sc = type == WireType::kInt8 ? scales + row : nullptr;
-      if (part == KvPart::kK) {
+      if (f16_cache) {
+        DecodeRows(in, m, d, type, sc, tmp.data());  // [m][head_dim] f32
+        if (part == KvPart::kK) {
+          Transpose(tmp.data(), d, tmp_t.data(), m, m, d);  // [head_dim][m]
+          uint16_t* kt = l.KT<uint16_t>(b, h) + s0;
+          for (int32_t i = 0; i < d; ++i) {
+            ConvertF32ToF16Sat(tmp_t.data() + static_cast<int64_t>(i) * m,
+                               kt + static_cast<int64_t>(i) * bs, m);
+          }
+        } else {
+          ConvertF32ToF16Sat(tmp.data(), l.V<uint16_t>(b, h, s0), static_cast<size_t>(m) * d);
+        }
+      } else if (part == KvPart::kK) {
         float* kt = l.KT(b, h) + s0;
         if (type == WireType::kF32) {
           Transpose(reinterpret_cast<const float*>(in), d, kt, bs, m, d);

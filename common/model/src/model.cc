@@ -306,12 +306,24 @@ absl::Status Model::Init(const fs::path& dir) {
 }
 #undef DUET_TAKE
 
+absl::StatusOr<kernels::KvDtype> ParseKvCacheDtype(std::string_view name) {
+  if (name == "f32") return kernels::KvDtype::kF32;
+  if (name == "f16") return kernels::KvDtype::kF16;
+  return absl::InvalidArgumentError(
+      absl::StrCat("K/V cache dtype must be f32 or f16, got \"", std::string(name), "\""));
+}
+
+const char* KvCacheDtypeName(kernels::KvDtype dtype) {
+  return dtype == kernels::KvDtype::kF32 ? "f32" : "f16";
+}
+
 kv::KvShape Model::kv_shape(int32_t block_size) const {
   kv::KvShape s;
   s.n_layers = config_.n_layers;
   s.n_kv_heads = config_.n_kv_heads;
   s.head_dim = config_.head_dim;
   s.block_size = block_size;
+  s.dtype = options_.kv_cache_dtype;
   return s;
 }
 
@@ -445,7 +457,7 @@ absl::Status Model::Forward(std::span<const BatchItem> items, std::vector<float>
           const float* k = s.qkv.data() + row * QKV + QD;
           const float* v = k + KD;
           layout.StoreK(block, h, slot, k + h * D);
-          std::memcpy(layout.V(block, h, slot), v + h * D, D * sizeof(float));
+          layout.StoreV(block, h, slot, v + h * D);
         }
       }
     }

@@ -1,5 +1,7 @@
 #include "duet/tensor/dtype.h"
 
+#include <immintrin.h>
+
 namespace duet {
 
 size_t DTypeSize(DType dtype) {
@@ -101,6 +103,39 @@ void ConvertToF32(DType src_dtype, const void* src, float* dst, size_t n) {
 
 void ConvertF32ToBf16(const float* src, uint16_t* dst, size_t n) {
   for (size_t i = 0; i < n; ++i) dst[i] = F32ToBf16(src[i]);
+}
+
+namespace {
+constexpr float kF16Max = 65504.0f;
+// max/min return their second operand when either is NaN: with x second, the clamp keeps NaN.
+inline __m256 ClampF16(__m256 x) {
+  return _mm256_min_ps(_mm256_set1_ps(kF16Max), _mm256_max_ps(_mm256_set1_ps(-kF16Max), x));
+}
+}  // namespace
+
+uint16_t F32ToF16Sat(float f) {
+  const __m128 x = _mm_min_ss(_mm_set_ss(kF16Max), _mm_max_ss(_mm_set_ss(-kF16Max), _mm_set_ss(f)));
+  return static_cast<uint16_t>(
+      _mm_extract_epi16(_mm_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), 0));
+}
+
+void ConvertF32ToF16Sat(const float* src, uint16_t* dst, size_t n) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm256_cvtps_ph(ClampF16(_mm256_loadu_ps(src + i)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+  }
+  for (; i < n; ++i) dst[i] = F32ToF16Sat(src[i]);
+}
+
+void ConvertF16ToF32(const uint16_t* src, float* dst, size_t n) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(dst + i,
+                     _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  }
+  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
 }
 
 }  // namespace duet

@@ -129,30 +129,47 @@ TEST_CASE("GeluTanh and SiluMul match their closed forms", "[ops]") {
 }
 
 // The shapes real models use (block size 16, head_dim 64 and 128, grouped-query attention), where
-// the vectorized path runs: every output equals a dense double-precision reference.
+// the vectorized path runs, with an f32 and an f16 cache: every output equals a dense
+// double-precision reference over the K/V the cache holds (f16-rounded for the f16 cache).
 TEST_CASE("PagedAttention at real shapes equals dense causal attention", "[attention]") {
+  for (const auto dtype : {k::KvDtype::kF32, k::KvDtype::kF16}) {
   for (const auto& [d, n_heads, n_kv] : {std::tuple{64, 12, 12}, std::tuple{64, 8, 2},
                                          std::tuple{128, 4, 1}, std::tuple{32, 2, 2}}) {
     const int32_t bs = 16, group = n_heads / n_kv;
     // Sequence 0 prefills 37 rows from scratch; sequence 1 has 50 past positions and decodes 1;
-    // sequence 2 has 16 past and prefills 9. Blocks are scattered through the pool.
+    // sequence 2 has 16 past and prefills 9; sequence 3 has 530 past (past attention's
+    // 512-position chunks) and prefills 3. Blocks are scattered through the pool.
     struct S { int32_t past, n_new; };
-    const S spec[3] = {{0, 37}, {50, 1}, {16, 9}};
-    const int32_t n_blocks = 16;
-    std::vector<float> pool(static_cast<size_t>(n_blocks) * 2 * n_kv * bs * d);
+    const S spec[4] = {{0, 37}, {50, 1}, {16, 9}, {530, 3}};
+    std::vector<std::vector<int32_t>> tables(4);
+    int32_t n_blocks = 0;
+    for (int s = 0; s < 4; ++s) {
+      const int32_t nb = (spec[s].past + spec[s].n_new + bs - 1) / bs;
+      for (int32_t b = 0; b < nb; ++b) tables[s].push_back(n_blocks++);
+    }
+    std::vector<int32_t> perm(n_blocks);
+    for (int32_t i = 0; i < n_blocks; ++i) perm[i] = (i * 37 + 11) % n_blocks;  // 37 coprime
+    for (auto& t : tables)
+      for (auto& b : t) b = perm[b];
+    const int64_t elems = static_cast<int64_t>(n_blocks) * 2 * n_kv * bs * d;
+    std::vector<float> pool(elems);  // f32 storage is large enough for either dtype
     k::PagedKvLayout kv;
     kv.base = pool.data();
+    kv.dtype = dtype;
     kv.block_stride = 2 * int64_t{n_kv} * bs * d;
     kv.layer_offset = 0;
     kv.block_size = bs;
     kv.n_kv_heads = n_kv;
     kv.head_dim = d;
-    const std::vector<std::vector<int32_t>> tables = {{7, 2, 11}, {0, 9, 4, 13}, {5, 14}};
-    std::vector<std::vector<float>> K(3), V(3);  // [pos][kv_head][d]
+    // What the cache holds, as f32.
+    auto held = [&](float x) {
+      return dtype == k::KvDtype::kF32 ? x : duet::F16ToF32(duet::F32ToF16Sat(x));
+    };
+    std::vector<std::vector<float>> K(4), V(4);  // [pos][kv_head][d]
     std::vector<float> Q;                          // [row][head][d]
     std::vector<k::AttentionSeq> seqs;
     int32_t row = 0;
-    for (int s = 0; s < 3; ++s) {
+    for (int s = 0; s < 4; ++s) {
       const int32_t T = spec[s].past + spec[s].n_new;
       K[s].resize(static_cast<size_t>(T) * n_kv * d);
       V[s].resize(K[s].size());
@@ -164,19 +181,27 @@ TEST_CASE("PagedAttention at real shapes equals dense causal attention", "[atten
         for (int32_t h = 0; h < n_kv; ++h) {
           const int32_t block = tables[s][p / bs], slot = p % bs;
           kv.StoreK(block, h, slot, &K[s][(static_cast<size_t>(p) * n_kv + h) * d]);
-          std::copy_n(&V[s][(static_cast<size_t>(p) * n_kv + h) * d], d, kv.V(block, h, slot));
+          kv.StoreV(block, h, slot, &V[s][(static_cast<size_t>(p) * n_kv + h) * d]);
         }
+      for (auto& x : K[s]) x = held(x);
+      for (auto& x : V[s]) x = held(x);
       for (int32_t j = 0; j < spec[s].n_new * n_heads * d; ++j)
         Q.push_back(std::sin(0.71f * static_cast<float>(Q.size()) + 0.2f));
       seqs.push_back({tables[s].data(), spec[s].past, spec[s].n_new, row});
       row += spec[s].n_new;
     }
+    // Store then load gives back what the cache holds.
+    std::vector<float> back(d);
+    kv.LoadK(tables[3][32], 0, 5, back.data());
+    CHECK(back[1] == K[3][(static_cast<size_t>(32 * bs + 5) * n_kv) * d + 1]);
+    kv.LoadV(tables[3][32], 0, 5, back.data());
+    CHECK(back[2] == V[3][(static_cast<size_t>(32 * bs + 5) * n_kv) * d + 2]);
     const float scale = 1.f / std::sqrt(static_cast<float>(d));
     const int64_t stride = int64_t{n_heads} * d;
     std::vector<float> out(static_cast<size_t>(row) * stride, -1.f);
-    k::PagedAttention(Q.data(), stride, kv, seqs.data(), 3, n_heads, scale, out.data(), stride);
+    k::PagedAttention(Q.data(), stride, kv, seqs.data(), 4, n_heads, scale, out.data(), stride);
     double worst = 0;
-    for (int s = 0; s < 3; ++s)
+    for (int s = 0; s < 4; ++s)
       for (int32_t r = 0; r < spec[s].n_new; ++r) {
         const int32_t pos = spec[s].past + r;
         const int64_t qrow = seqs[s].row_begin + r;
@@ -200,7 +225,39 @@ TEST_CASE("PagedAttention at real shapes equals dense causal attention", "[atten
           }
         }
       }
-    INFO("head_dim " << d << ", " << n_heads << " heads, " << n_kv << " kv heads");
+    INFO("cache " << (dtype == k::KvDtype::kF32 ? "f32" : "f16") << ", head_dim " << d << ", "
+                  << n_heads << " heads, " << n_kv << " kv heads");
     CHECK(worst < 2e-5);
   }
+  }
+}
+
+// The f16 cache: round to nearest, saturate at +-65504 instead of overflowing, keep NaN.
+TEST_CASE("The f16 K/V cache rounds, saturates and keeps NaN", "[attention]") {
+  std::vector<uint16_t> block(2 * 16 * 4);
+  k::PagedKvLayout kv;
+  kv.base = block.data();
+  kv.dtype = k::KvDtype::kF16;
+  kv.block_stride = static_cast<int64_t>(block.size());
+  kv.block_size = 16;
+  kv.n_kv_heads = 1;
+  kv.head_dim = 4;
+  const float in[4] = {1.0f + 1.0f / 4096, 1e6f, -70000.f, std::nanf("")};
+  float out[4];
+  kv.StoreV(0, 0, 3, in);
+  kv.LoadV(0, 0, 3, out);
+  CHECK(out[0] == 1.0f);  // 1 + 2^-12 is a tie between 1 and 1 + 2^-10: even wins
+  CHECK(out[1] == 65504.f);
+  CHECK(out[2] == -65504.f);
+  CHECK(std::isnan(out[3]));
+  kv.StoreK(0, 0, 7, in);
+  kv.LoadK(0, 0, 7, out);
+  CHECK(out[0] == 1.0f);
+  CHECK(out[1] == 65504.f);
+  CHECK(out[2] == -65504.f);
+  CHECK(std::isnan(out[3]));
+  const float third = 1.f / 3;
+  kv.StoreV(0, 0, 0, &third);
+  kv.LoadV(0, 0, 0, out);
+  CHECK(std::fabs(out[0] - third) <= third * std::ldexp(1.0, -11));
 }

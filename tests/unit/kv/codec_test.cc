@@ -79,14 +79,19 @@ float Value(int32_t layer, int32_t kv, int32_t h, int32_t t, int32_t d) {
   return (unit * 2.0f - 1.0f) * magnitude;
 }
 
+// Element reads through the layout's accessors (f32 or f16 caches alike).
 float GetK(const SequenceKv& seq, int32_t layer, int32_t h, int32_t t, int32_t d) {
   const auto l = seq.pool()->Layout(layer);
   const int32_t bs = l.block_size;
-  return l.KT(seq.blocks()[t / bs], h)[static_cast<int64_t>(d) * bs + t % bs];
+  std::vector<float> k(l.head_dim);
+  l.LoadK(seq.blocks()[t / bs], h, t % bs, k.data());
+  return k[d];
 }
 float GetV(const SequenceKv& seq, int32_t layer, int32_t h, int32_t t, int32_t d) {
   const auto l = seq.pool()->Layout(layer);
-  return l.V(seq.blocks()[t / l.block_size], h, t % l.block_size)[d];
+  std::vector<float> v(l.head_dim);
+  l.LoadV(seq.blocks()[t / l.block_size], h, t % l.block_size, v.data());
+  return v[d];
 }
 float Get(const SequenceKv& seq, int32_t layer, int32_t kv, int32_t h, int32_t t, int32_t d) {
   return kv == 0 ? GetK(seq, layer, h, t, d) : GetV(seq, layer, h, t, d);
@@ -96,7 +101,7 @@ float Get(const SequenceKv& seq, int32_t layer, int32_t kv, int32_t h, int32_t t
 template <typename Fn>
 void FillWith(SequenceKv& seq, int32_t n_tokens, Fn value_fn) {
   const KvShape& s = seq.pool()->shape();
-  std::vector<float> k(s.head_dim);
+  std::vector<float> k(s.head_dim), v(s.head_dim);
   for (int32_t layer = 0; layer < s.n_layers; ++layer) {
     const auto l = seq.pool()->Layout(layer);
     for (int32_t t = 0; t < n_tokens; ++t) {
@@ -104,9 +109,10 @@ void FillWith(SequenceKv& seq, int32_t n_tokens, Fn value_fn) {
       for (int32_t h = 0; h < s.n_kv_heads; ++h) {
         for (int32_t d = 0; d < s.head_dim; ++d) {
           k[d] = value_fn(layer, 0, h, t, d);
-          l.V(b, h, slot)[d] = value_fn(layer, 1, h, t, d);
+          v[d] = value_fn(layer, 1, h, t, d);
         }
         l.StoreK(b, h, slot, k.data());
+        l.StoreV(b, h, slot, v.data());
       }
     }
   }
@@ -118,14 +124,14 @@ void Fill(SequenceKv& seq, int32_t n_tokens) { FillWith(seq, n_tokens, Value); }
 void Poison(const SequenceKv& seq) {
   const auto l = seq.pool()->Layout(0);
   for (int32_t b : seq.blocks()) {
-    float* p = l.base + b * l.block_stride;
+    float* p = static_cast<float*>(l.base) + b * l.block_stride;
     for (int64_t i = 0; i < l.block_stride; ++i) std::memcpy(p + i, &kSentinel, 4);
   }
 }
 bool AllPoisoned(const SequenceKv& seq) {
   const auto l = seq.pool()->Layout(0);
   for (int32_t b : seq.blocks()) {
-    const float* p = l.base + b * l.block_stride;
+    const float* p = static_cast<const float*>(l.base) + b * l.block_stride;
     for (int64_t i = 0; i < l.block_stride; ++i) {
       if (std::memcmp(p + i, &kSentinel, 4) != 0) return false;
     }
@@ -410,6 +416,61 @@ TEST_CASE("vector paths: head_dim 64, block size 16, odd ranges and special valu
       Decode(Encode(src->seq, duet::v1::KV_DTYPE_INT8, 2 * 3 * 64 * 13), &dest->seq, Expect(shape))
           .ok());
   CheckClose(src->seq, dest->seq, duet::v1::KV_DTYPE_INT8);
+}
+
+// An f16 cache (--kv-cache-dtype f16) on either end: the wire carries what the source cache
+// holds, and the destination cache rounds it to its own element type.
+TEST_CASE("f16 caches encode what they hold and decode into their own element type",
+          "[kv][codec]") {
+  const KvShape f32_shape{2, 3, 64, 16};
+  KvShape f16_shape = f32_shape;
+  f16_shape.dtype = duet::kernels::KvDtype::kF16;
+  const int32_t n_tokens = 45;
+  auto f16 = [](float x) { return duet::F16ToF32(duet::F32ToF16Sat(x)); };
+  auto bf16 = [](float x) { return duet::Bf16ToF32(duet::F32ToBf16(x)); };
+  for (const bool src_f16 : {true, false}) {
+    for (const bool dest_f16 : {true, false}) {
+      if (!src_f16 && !dest_f16) continue;  // f32 to f32: the tests above
+      auto src_pool = MakePool(src_f16 ? f16_shape : f32_shape, 10);
+      auto src = ScatteredSeq(src_pool.get(), n_tokens);
+      Fill(src->seq, n_tokens);
+      KvShape dest_shape = dest_f16 ? f16_shape : f32_shape;
+      dest_shape.block_size = 8;
+      auto dest_pool = MakePool(dest_shape, 20);
+      for (KvDtype dtype :
+           {duet::v1::KV_DTYPE_F32, duet::v1::KV_DTYPE_BF16, duet::v1::KV_DTYPE_INT8}) {
+        INFO("source " << (src_f16 ? "f16" : "f32") << ", destination "
+                       << (dest_f16 ? "f16" : "f32") << ", wire "
+                       << duet::v1::KvDtype_Name(dtype));
+        auto dest = ScatteredSeq(dest_pool.get(), n_tokens);
+        REQUIRE(Decode(Encode(src->seq, dtype, 2 * 3 * 64 * 4 * 13), &dest->seq, Expect(f32_shape))
+                    .ok());
+        for (int32_t layer = 0; layer < 2; ++layer)
+          for (int32_t kv = 0; kv < 2; ++kv)
+            for (int32_t h = 0; h < 3; ++h)
+              for (int32_t t = 0; t < n_tokens; ++t) {
+                const float scale = RowScale(src->seq, layer, kv, h, t);
+                for (int32_t d = 0; d < 64; ++d) {
+                  const float x = Get(src->seq, layer, kv, h, t, d);  // what the source holds
+                  REQUIRE(x == (src_f16 ? f16(Value(layer, kv, h, t, d)) : Value(layer, kv, h, t, d)));
+                  const float y = Get(dest->seq, layer, kv, h, t, d);
+                  INFO("layer " << layer << " kv " << kv << " head " << h << " token " << t
+                                << " dim " << d << ": " << x << " -> " << y);
+                  if (dtype == duet::v1::KV_DTYPE_F32) {
+                    REQUIRE(y == (dest_f16 ? f16(x) : x));
+                  } else if (dtype == duet::v1::KV_DTYPE_BF16) {
+                    REQUIRE(y == (dest_f16 ? f16(bf16(x)) : bf16(x)));
+                  } else {
+                    // int8, then (f16 destination) one more rounding of at most 2^-11 relative.
+                    const float tol = scale * 0.5f * (1.0f + 1e-5f) +
+                                      (dest_f16 ? std::fabs(x) * std::ldexp(1.0f, -10) : 0.0f);
+                    REQUIRE(std::fabs(y - x) <= tol);
+                  }
+                }
+              }
+      }
+    }
+  }
 }
 
 TEST_CASE("layers are split into chunks under max_chunk_bytes", "[kv][codec]") {

@@ -29,6 +29,7 @@ struct ServerOptions {
   // metrics are still kept, see metrics_text()).
   std::string metrics_listen;
   kernels::Precision precision = kernels::Precision::kBF16;
+  kernels::KvDtype kv_cache_dtype = kernels::KvDtype::kF32;  // the engine's K/V cache
   EngineOptions engine;
 };
 

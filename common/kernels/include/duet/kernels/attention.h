@@ -3,40 +3,62 @@
 // and including its own. K/V of the new rows must already be written into the cache.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace duet::kernels {
 
+// The element type of the K/V cache: f32 (exact; the f32 precision mode) or IEEE half (half the
+// memory and half the bytes attention reads per step; the bf16 precision mode, as llama.cpp's
+// default f16 cache: 11 significant bits to bf16's 8, so less error than a bf16 cache; values
+// beyond +-65504 saturate). Attention computes in f32 either way.
+enum class KvDtype { kF32, kF16 };
+
+inline size_t KvDtypeSize(KvDtype t) { return t == KvDtype::kF32 ? 4 : 2; }
+
 // Where one layer's K and V live in a block pool. A block holds, for every layer, K then V:
 // K as [n_kv_heads][head_dim][block_size] (transposed within the block, so attention computes a
-// block's scores as vectors over its slots) and V as [n_kv_heads][block_size][head_dim]; f32.
+// block's scores as vectors over its slots) and V as [n_kv_heads][block_size][head_dim].
+// Offsets and strides count elements of `dtype`.
 struct PagedKvLayout {
-  float* base = nullptr;         // block 0
-  int64_t block_stride = 0;      // floats per block (all layers)
-  int64_t layer_offset = 0;      // floats from a block's start to this layer's K
+  void* base = nullptr;          // block 0
+  KvDtype dtype = KvDtype::kF32;
+  int64_t block_stride = 0;      // elements per block (all layers)
+  int64_t layer_offset = 0;      // elements from a block's start to this layer's K
   int32_t block_size = 0;        // tokens per block
   int32_t n_kv_heads = 0;
   int32_t head_dim = 0;
 
   int64_t head_stride() const { return static_cast<int64_t>(block_size) * head_dim; }
   int64_t v_offset() const { return head_stride() * n_kv_heads; }
-  // K of one kv head in physical block `block`: [head_dim][block_size].
-  float* KT(int32_t block, int32_t kv_head) const {
-    return base + block * block_stride + layer_offset + kv_head * head_stride();
+  // Element offset of K of one kv head in physical block `block`: [head_dim][block_size].
+  int64_t k_offset(int32_t block, int32_t kv_head) const {
+    return block * block_stride + layer_offset + kv_head * head_stride();
   }
-  // V of (kv head, slot within block): head_dim contiguous floats.
+  // Element offset of V of (kv head, slot within block): head_dim contiguous elements.
+  int64_t v_offset(int32_t block, int32_t kv_head, int32_t slot) const {
+    return k_offset(block, kv_head) + v_offset() + static_cast<int64_t>(slot) * head_dim;
+  }
+  // Typed views; T must match dtype (float for kF32, uint16_t half bits for kF16).
+  template <typename T>
+  T* KT(int32_t block, int32_t kv_head) const {
+    return static_cast<T*>(base) + k_offset(block, kv_head);
+  }
+  template <typename T>
+  T* V(int32_t block, int32_t kv_head, int32_t slot) const {
+    return static_cast<T*>(base) + v_offset(block, kv_head, slot);
+  }
+  // f32 views (dtype kF32 only).
+  float* KT(int32_t block, int32_t kv_head) const { return KT<float>(block, kv_head); }
   float* V(int32_t block, int32_t kv_head, int32_t slot) const {
-    return KT(block, kv_head) + v_offset() + static_cast<int64_t>(slot) * head_dim;
+    return V<float>(block, kv_head, slot);
   }
-  // Writes / reads one position's K vector (head_dim floats).
-  void StoreK(int32_t block, int32_t kv_head, int32_t slot, const float* k) const {
-    float* kt = KT(block, kv_head) + slot;
-    for (int32_t t = 0; t < head_dim; ++t) kt[static_cast<int64_t>(t) * block_size] = k[t];
-  }
-  void LoadK(int32_t block, int32_t kv_head, int32_t slot, float* k) const {
-    const float* kt = KT(block, kv_head) + slot;
-    for (int32_t t = 0; t < head_dim; ++t) k[t] = kt[static_cast<int64_t>(t) * block_size];
-  }
+  // Writes / reads one position's K or V vector (head_dim floats) in either dtype; an f16 cache
+  // rounds to nearest even (saturating) on the way in.
+  void StoreK(int32_t block, int32_t kv_head, int32_t slot, const float* k) const;
+  void LoadK(int32_t block, int32_t kv_head, int32_t slot, float* k) const;
+  void StoreV(int32_t block, int32_t kv_head, int32_t slot, const float* v) const;
+  void LoadV(int32_t block, int32_t kv_head, int32_t slot, float* v) const;
 };
 
 // One sequence's share of a batch.

@@ -24,12 +24,18 @@ struct KvShape {
   int32_t n_kv_heads = 0;
   int32_t head_dim = 0;
   int32_t block_size = 16;  // tokens per block
+  // Element type of the cache: f32, or f16 (half the memory; what bf16 precision runs with).
+  kernels::KvDtype dtype = kernels::KvDtype::kF32;
 
-  int64_t floats_per_block() const {
+  int64_t elements_per_block() const {
     return static_cast<int64_t>(n_layers) * 2 * n_kv_heads * block_size * head_dim;
   }
+  int64_t bytes_per_block() const {
+    return elements_per_block() * static_cast<int64_t>(kernels::KvDtypeSize(dtype));
+  }
   int64_t bytes_per_token() const {
-    return static_cast<int64_t>(n_layers) * 2 * n_kv_heads * head_dim * 4;
+    return static_cast<int64_t>(n_layers) * 2 * n_kv_heads * head_dim *
+           static_cast<int64_t>(kernels::KvDtypeSize(dtype));
   }
 };
 
@@ -58,7 +64,7 @@ class BlockPool {
 
   const KvShape shape_;
   const int32_t n_blocks_;
-  Buffer memory_;  // n_blocks * floats_per_block f32
+  Buffer memory_;  // n_blocks * bytes_per_block
   mutable absl::Mutex mu_;
   std::vector<int32_t> free_ ABSL_GUARDED_BY(mu_);
   std::vector<int32_t> refs_ ABSL_GUARDED_BY(mu_);

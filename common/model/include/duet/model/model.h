@@ -12,6 +12,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -24,7 +25,15 @@ namespace duet::model {
 
 struct ModelOptions {
   kernels::Precision precision = kernels::Precision::kBF16;
+  // Element type of the K/V cache (kv_shape().dtype). f32 keeps f32 mode exact and bf16 mode as
+  // close to an f32 reference as it can be; f16 halves the cache (twice the sessions per MiB)
+  // and the bytes attention reads per decode step, at about 2^-12 relative error per element.
+  kernels::KvDtype kv_cache_dtype = kernels::KvDtype::kF32;
 };
+
+// "f32" / "f16" <-> KvDtype; INVALID_ARGUMENT names any other value.
+absl::StatusOr<kernels::KvDtype> ParseKvCacheDtype(std::string_view name);
+const char* KvCacheDtypeName(kernels::KvDtype dtype);
 
 // One sequence's part of a batched forward step.
 struct BatchItem {

@@ -38,5 +38,10 @@ uint16_t F32ToF16(float f);
 void ConvertToF32(DType src_dtype, const void* src, float* dst, size_t n);
 // Converts n f32 elements to bf16 (round to nearest even).
 void ConvertF32ToBf16(const float* src, uint16_t* dst, size_t n);
+// IEEE half with saturation (what the f16 K/V cache stores): round to nearest even, values
+// beyond +-65504 clamp to +-65504 instead of becoming infinite; NaN stays NaN. F16C.
+uint16_t F32ToF16Sat(float f);
+void ConvertF32ToF16Sat(const float* src, uint16_t* dst, size_t n);
+void ConvertF16ToF32(const uint16_t* src, float* dst, size_t n);
 
 }  // namespace duet
