@@ -177,7 +177,7 @@ int BenchCodecMain(int argc, char** argv) {
       std::mt19937 rng(42);
       std::normal_distribution<float> normal(0.0f, 1.0f);
       const auto l = (*src_pool)->Layout(0);
-      const int64_t n = l.block_stride * n_blocks;
+      const int64_t n = shape.elements_per_block() * n_blocks;  // the whole pool, every layer
       if (cache == kernels::KvDtype::kF32) {
         for (int64_t i = 0; i < n; ++i) static_cast<float*>(l.base)[i] = normal(rng);
       } else {

@@ -61,7 +61,9 @@ namespace {
 // update per query over the whole chunk (running max and sum carried from chunk to chunk, as in
 // flash attention, but once per chunk instead of once per block), (3) the probabilities times V.
 // A chunk's scores stay in a per-thread buffer of queries x chunk slots.
-constexpr int32_t kChunkBlocks = 32;
+// 16 blocks of a GPT-2-sized work item (12 heads of 64, f16) are 768 KiB of K and V: pass (3)
+// finds the V rows that pass (1)'s stream brought in still in L2.
+constexpr int32_t kChunkBlocks = 16;
 
 // A unit of work: one sequence, a run of kv heads, a tile of consecutive new rows. All query
 // heads of a kv head's group and all rows of the tile share each K/V block while it is in L1.

@@ -64,9 +64,10 @@ kernels::PagedKvLayout BlockPool::Layout(int32_t layer) const {
   kernels::PagedKvLayout l;
   l.base = const_cast<void*>(static_cast<const void*>(memory_.data()));
   l.dtype = shape_.dtype;
-  l.block_stride = shape_.elements_per_block();
-  l.layer_offset =
-      static_cast<int64_t>(layer) * 2 * shape_.n_kv_heads * shape_.block_size * shape_.head_dim;
+  // Layer-major: all blocks of layer 0, then of layer 1, ... A sequence's blocks (handed out in
+  // order) are then one contiguous run per layer, which attention streams layer by layer.
+  l.block_stride = shape_.elements_per_block() / shape_.n_layers;
+  l.layer_offset = static_cast<int64_t>(layer) * n_blocks_ * l.block_stride;
   l.block_size = shape_.block_size;
   l.n_kv_heads = shape_.n_kv_heads;
   l.head_dim = shape_.head_dim;

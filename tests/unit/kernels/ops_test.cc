@@ -138,7 +138,7 @@ TEST_CASE("PagedAttention at real shapes equals dense causal attention", "[atten
     const int32_t bs = 16, group = n_heads / n_kv;
     // Sequence 0 prefills 37 rows from scratch; sequence 1 has 50 past positions and decodes 1;
     // sequence 2 has 16 past and prefills 9; sequence 3 has 530 past (past attention's
-    // 512-position chunks) and prefills 3. Blocks are scattered through the pool.
+    // 256-position chunks) and prefills 3. Blocks are scattered through the pool.
     struct S { int32_t past, n_new; };
     const S spec[4] = {{0, 37}, {50, 1}, {16, 9}, {530, 3}};
     std::vector<std::vector<int32_t>> tables(4);

@@ -73,9 +73,12 @@ TEST_CASE("pool creation validates its shape", "[kv]") {
 TEST_CASE("layout addresses K and V of each layer without overlap", "[kv]") {
   auto pool = SmallPool(2);
   auto l0 = pool->Layout(0), l1 = pool->Layout(1);
+  // Layer-major: a layer's blocks are contiguous, K then V in each.
   REQUIRE(l0.V(0, 0, 0) == l0.KT(0, 0) + 16);
-  REQUIRE(l1.KT(0, 0) == l0.V(0, 0, 0) + 16);
-  REQUIRE(l0.KT(1, 0) == l1.V(0, 0, 0) + 16);
+  REQUIRE(l0.KT(1, 0) == l0.V(0, 0, 0) + 16);
+  REQUIRE(l1.KT(0, 0) == l0.KT(0, 0) + pool->n_blocks() * 32);
+  REQUIRE(l1.V(pool->n_blocks() - 1, 0, 3) + 4 ==
+          static_cast<float*>(l0.base) + pool->n_blocks() * 2 * 32);  // the pool's end
   REQUIRE(l0.V(0, 0, 1) == l0.V(0, 0, 0) + 4);  // V: slots of head_dim floats
   float k[4] = {1, 2, 3, 4}, back[4];
   l1.StoreK(1, 0, 2, k);

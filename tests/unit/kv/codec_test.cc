@@ -122,18 +122,22 @@ void Fill(SequenceKv& seq, int32_t n_tokens) { FillWith(seq, n_tokens, Value); }
 
 // Every float of the lease's blocks set to the sentinel / still the sentinel.
 void Poison(const SequenceKv& seq) {
-  const auto l = seq.pool()->Layout(0);
-  for (int32_t b : seq.blocks()) {
-    float* p = static_cast<float*>(l.base) + b * l.block_stride;
-    for (int64_t i = 0; i < l.block_stride; ++i) std::memcpy(p + i, &kSentinel, 4);
+  for (int32_t layer = 0; layer < seq.pool()->shape().n_layers; ++layer) {
+    const auto l = seq.pool()->Layout(layer);
+    for (int32_t b : seq.blocks()) {
+      float* p = l.KT(b, 0);
+      for (int64_t i = 0; i < l.block_stride; ++i) std::memcpy(p + i, &kSentinel, 4);
+    }
   }
 }
 bool AllPoisoned(const SequenceKv& seq) {
-  const auto l = seq.pool()->Layout(0);
-  for (int32_t b : seq.blocks()) {
-    const float* p = static_cast<const float*>(l.base) + b * l.block_stride;
-    for (int64_t i = 0; i < l.block_stride; ++i) {
-      if (std::memcmp(p + i, &kSentinel, 4) != 0) return false;
+  for (int32_t layer = 0; layer < seq.pool()->shape().n_layers; ++layer) {
+    const auto l = seq.pool()->Layout(layer);
+    for (int32_t b : seq.blocks()) {
+      const float* p = l.KT(b, 0);
+      for (int64_t i = 0; i < l.block_stride; ++i) {
+        if (std::memcmp(p + i, &kSentinel, 4) != 0) return false;
+      }
     }
   }
   return true;

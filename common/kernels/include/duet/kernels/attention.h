@@ -16,14 +16,14 @@ enum class KvDtype { kF32, kF16 };
 
 inline size_t KvDtypeSize(KvDtype t) { return t == KvDtype::kF32 ? 4 : 2; }
 
-// Where one layer's K and V live in a block pool. A block holds, for every layer, K then V:
-// K as [n_kv_heads][head_dim][block_size] (transposed within the block, so attention computes a
-// block's scores as vectors over its slots) and V as [n_kv_heads][block_size][head_dim].
-// Offsets and strides count elements of `dtype`.
+// Where one layer's K and V live in a block pool: layer_offset + block * block_stride holds the
+// block's K then V for this layer, K as [n_kv_heads][head_dim][block_size] (transposed within the
+// block, so attention computes a block's scores as vectors over its slots) and V as
+// [n_kv_heads][block_size][head_dim]. Offsets and strides count elements of `dtype`.
 struct PagedKvLayout {
   void* base = nullptr;          // block 0
   KvDtype dtype = KvDtype::kF32;
-  int64_t block_stride = 0;      // elements per block (all layers)
+  int64_t block_stride = 0;      // elements from one block's K/V of this layer to the next's
   int64_t layer_offset = 0;      // elements from a block's start to this layer's K
   int32_t block_size = 0;        // tokens per block
   int32_t n_kv_heads = 0;

@@ -56,7 +56,8 @@ class BlockPool {
   int32_t n_blocks() const { return n_blocks_; }
   int32_t n_free() const;
   const KvShape& shape() const { return shape_; }
-  // Where layer `layer` lives in every block.
+  // Where layer `layer` lives in every block. The memory is layer-major ([layer][block][K, V]),
+  // so one layer of consecutive blocks is contiguous.
   kernels::PagedKvLayout Layout(int32_t layer) const;
 
  private:
