@@ -1,6 +1,7 @@
 #include "gemv_bf16.h"
 
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
 
@@ -13,95 +14,119 @@ bool HasAvx512Bf16() {
 
 namespace {
 
-// One N-block of 64 columns for R rows (R <= 6): 4R accumulators of 16 floats in registers.
-template <int R>
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) void Block(const uint16_t* x, int64_t kp,
-                                                                   const uint16_t* wb, float* out,
-                                                                   int64_t ld_out, int64_t n_cols) {
+// K-pairs per K-chunk: 64 k-pairs x 64 columns of bf16 pairs = 16 KB of weights, which stays in
+// L1 (48 KB) next to the prefetched next chunk while every row chunk reads it.
+constexpr int64_t kKc = 64;
+constexpr int64_t kMaxRows = 16;  // rows per call of the chunked kernel (3 row chunks)
+
+// R rows x 64 columns over the `np` k-pairs of one K-chunk (np >= 1). Starts from zero (kFirst) or
+// from the partial sums in `in` (R rows, stride 64), and stores to `out` (stride ld_out).
+// Meanwhile prefetches `pf_lines` cache lines from `pf` onwards, `lpi` per k-pair: the weight
+// stream one K-chunk ahead, so DRAM keeps streaming while later row chunks compute from L1.
+template <int R, bool kFirst>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void Chunk(
+    const int32_t* x, int64_t x_stride, const uint16_t* wb, int64_t np, const float* in,
+    float* out, int64_t ld_out, const char* pf, int64_t pf_lines, int64_t lpi) {
   __m512 acc[R][4];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
-  const int64_t pairs = kp / 2;
-  const auto* x32 = reinterpret_cast<const int32_t*>(x);  // bf16 pairs
-  const int64_t x_stride = kp / 2;
-  for (int64_t p = 0; p < pairs; ++p) {
+    for (int c = 0; c < 4; ++c)
+      acc[r][c] = kFirst ? _mm512_setzero_ps() : _mm512_loadu_ps(in + r * 64 + 16 * c);
+  int64_t p = 0;
+  do {  // np >= 1
+    if (p * lpi < pf_lines) {
+      for (int64_t i = 0; i < lpi; ++i) _mm_prefetch(pf + (p * lpi + i) * 64, _MM_HINT_T0);
+    }
     const uint16_t* wp = wb + p * 128;
     const __m512i w0 = _mm512_loadu_si512(wp);
     const __m512i w1 = _mm512_loadu_si512(wp + 32);
     const __m512i w2 = _mm512_loadu_si512(wp + 64);
     const __m512i w3 = _mm512_loadu_si512(wp + 96);
     for (int r = 0; r < R; ++r) {
-      const __m512i xb = _mm512_set1_epi32(x32[r * x_stride + p]);
+      const __m512i xb = _mm512_set1_epi32(x[r * x_stride + p]);
       acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)xb, (__m512bh)w0);
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], (__m512bh)xb, (__m512bh)w1);
       acc[r][2] = _mm512_dpbf16_ps(acc[r][2], (__m512bh)xb, (__m512bh)w2);
       acc[r][3] = _mm512_dpbf16_ps(acc[r][3], (__m512bh)xb, (__m512bh)w3);
     }
-  }
-  for (int r = 0; r < R; ++r) {
-    float* o = out + r * ld_out;
-    if (n_cols == 64) {
-      for (int c = 0; c < 4; ++c) _mm512_storeu_ps(o + 16 * c, acc[r][c]);
-    } else {
-      alignas(64) float tmp[64];
-      for (int c = 0; c < 4; ++c) _mm512_store_ps(tmp + 16 * c, acc[r][c]);
-      for (int64_t j = 0; j < n_cols; ++j) o[j] = tmp[j];
-    }
-  }
+  } while (++p < np);
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + r * ld_out + 16 * c, acc[r][c]);
 }
 
-// One row (decode at batch 1): eight accumulators, two independent chains per output vector,
-// so dot-product latency never limits the weight stream.
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) void Block1x2(const uint16_t* x, int64_t kp,
-                                                                      const uint16_t* wb, float* out,
-                                                                      int64_t /*ld_out*/,
-                                                                      int64_t n_cols) {
-  __m512 a[8];
-  for (int c = 0; c < 8; ++c) a[c] = _mm512_setzero_ps();
-  const int64_t pairs = kp / 2;
-  const auto* x32 = reinterpret_cast<const int32_t*>(x);
-  int64_t p = 0;
-  for (; p + 1 < pairs; p += 2) {
-    const uint16_t* wp = wb + p * 128;
-    const __m512i x0 = _mm512_set1_epi32(x32[p]);
-    const __m512i x1 = _mm512_set1_epi32(x32[p + 1]);
-    a[0] = _mm512_dpbf16_ps(a[0], (__m512bh)x0, (__m512bh)_mm512_loadu_si512(wp));
-    a[1] = _mm512_dpbf16_ps(a[1], (__m512bh)x0, (__m512bh)_mm512_loadu_si512(wp + 32));
-    a[2] = _mm512_dpbf16_ps(a[2], (__m512bh)x0, (__m512bh)_mm512_loadu_si512(wp + 64));
-    a[3] = _mm512_dpbf16_ps(a[3], (__m512bh)x0, (__m512bh)_mm512_loadu_si512(wp + 96));
-    a[4] = _mm512_dpbf16_ps(a[4], (__m512bh)x1, (__m512bh)_mm512_loadu_si512(wp + 128));
-    a[5] = _mm512_dpbf16_ps(a[5], (__m512bh)x1, (__m512bh)_mm512_loadu_si512(wp + 160));
-    a[6] = _mm512_dpbf16_ps(a[6], (__m512bh)x1, (__m512bh)_mm512_loadu_si512(wp + 192));
-    a[7] = _mm512_dpbf16_ps(a[7], (__m512bh)x1, (__m512bh)_mm512_loadu_si512(wp + 224));
-  }
-  for (; p < pairs; ++p) {
-    const uint16_t* wp = wb + p * 128;
-    const __m512i x0 = _mm512_set1_epi32(x32[p]);
-    for (int c = 0; c < 4; ++c)
-      a[c] = _mm512_dpbf16_ps(a[c], (__m512bh)x0, (__m512bh)_mm512_loadu_si512(wp + 32 * c));
-  }
-  alignas(64) float tmp[64];
-  for (int c = 0; c < 4; ++c) _mm512_store_ps(tmp + 16 * c, _mm512_add_ps(a[c], a[c + 4]));
-  for (int64_t j = 0; j < n_cols; ++j) out[j] = tmp[j];
-}
-
-using BlockFn = void (*)(const uint16_t*, int64_t, const uint16_t*, float*, int64_t, int64_t);
-constexpr BlockFn kBlocks[] = {nullptr,   Block1x2, Block<2>, Block<3>,
-                               Block<4>, Block<5>, Block<6>};
+using ChunkFn = void (*)(const int32_t*, int64_t, const uint16_t*, int64_t, const float*, float*,
+                         int64_t, const char*, int64_t, int64_t);
+constexpr ChunkFn kChunks[2][7] = {
+    {nullptr, Chunk<1, false>, Chunk<2, false>, Chunk<3, false>, Chunk<4, false>, Chunk<5, false>,
+     Chunk<6, false>},
+    {nullptr, Chunk<1, true>, Chunk<2, true>, Chunk<3, true>, Chunk<4, true>, Chunk<5, true>,
+     Chunk<6, true>}};
 
 }  // namespace
 
 void GemvBf16(const uint16_t* x, int64_t m, int64_t kp, const uint16_t* w, int64_t n, float* y) {
   const int64_t n_blocks = (n + 63) / 64;
   const int64_t block_elems = kp * 64;  // one N-block: all of K for 64 columns
-#pragma omp parallel for schedule(static)
-  for (int64_t nb = 0; nb < n_blocks; ++nb) {
-    const uint16_t* wb = w + nb * block_elems;
-    const int64_t n_cols = std::min<int64_t>(64, n - nb * 64);
-    // Row chunks of up to 6 reuse this N-block's weights from L1/L2.
-    for (int64_t r0 = 0; r0 < m; r0 += 6) {
-      const int64_t rows = std::min<int64_t>(6, m - r0);
-      kBlocks[rows](x + r0 * kp, kp, wb, y + r0 * n + nb * 64, n, n_cols);
+  if (m > kMaxRows) {  // Linear sends at most 16 rows; more run as groups of 16
+    for (int64_t r0 = 0; r0 < m; r0 += kMaxRows)
+      GemvBf16(x + r0 * kp, std::min(kMaxRows, m - r0), kp, w, n, y + r0 * n);
+    return;
+  }
+  // Each N-block's K is split into chunks of kKc k-pairs; every row chunk (<= 6 rows, 4 x rows
+  // accumulators) runs over one K-chunk before the next, with the partial sums of all rows in a
+  // per-thread tile. The first row chunk reads the K-chunk from memory (prefetched), the others
+  // from L1, and all of them prefetch the next K-chunk, so reading the weights overlaps the dot
+  // products instead of alternating with them (the old kernel ran each row chunk over all of K:
+  // the first streamed from DRAM while the core waited, the others computed from L2 while DRAM
+  // idled). Software prefetch also streams faster than the hardware prefetchers alone at M = 1.
+  const int64_t n_chunks = (m + 5) / 6;  // balanced row chunks of at most 6 rows
+  int64_t chunk_rows[3], chunk_r0[3];
+  for (int64_t c = 0, r0 = 0; c < n_chunks; ++c) {
+    chunk_rows[c] = m / n_chunks + (c < m % n_chunks ? 1 : 0);
+    chunk_r0[c] = r0;
+    r0 += chunk_rows[c];
+  }
+  const int64_t pairs = kp / 2;
+  const auto* x32 = reinterpret_cast<const int32_t*>(x);
+#pragma omp parallel
+  {
+    alignas(64) float tile[kMaxRows * 64];  // partial sums, [row][64 columns]
+    alignas(64) float last[kMaxRows * 64];  // final sums of a partial N-block (< 64 columns)
+    // Contiguous, balanced ranges of N-blocks: each thread reads one stretch of the weights.
+    const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t nb0 = n_blocks * t / nt, nb1 = n_blocks * (t + 1) / nt;
+    const int64_t stream_end = nb1 * block_elems;  // end of this thread's weights (elements)
+    for (int64_t nb = nb0; nb < nb1; ++nb) {
+      const uint16_t* wb = w + nb * block_elems;
+      const int64_t n_cols = std::min<int64_t>(64, n - nb * 64);
+      for (int64_t p0 = 0; p0 < pairs; p0 += kKc) {
+        const int64_t np = std::min(kKc, pairs - p0);
+        const bool first = p0 == 0, final_chunk = p0 + np == pairs;
+        // N-blocks are contiguous, so "one K-chunk ahead" runs on into the next N-block; the
+        // chunk's lines are split between the row chunks.
+        const int64_t pf_at = nb * block_elems + (p0 + kKc) * 128;
+        const int64_t lines = std::clamp<int64_t>((stream_end - pf_at) / 32, 0, np * 4);
+        const char* pf = reinterpret_cast<const char*>(w + std::min(pf_at, stream_end));
+        const int64_t per_chunk = (lines + n_chunks - 1) / n_chunks;
+        const int64_t lpi = (per_chunk + np - 1) / np;
+        for (int64_t c = 0; c < n_chunks; ++c) {
+          const int64_t r0 = chunk_r0[c];
+          float* out = tile + r0 * 64;
+          int64_t ld = 64;
+          if (final_chunk && n_cols == 64) {
+            out = y + r0 * n + nb * 64;
+            ld = n;
+          } else if (final_chunk) {
+            out = last + r0 * 64;
+          }
+          const int64_t pf_lines = std::clamp<int64_t>(lines - c * per_chunk, 0, per_chunk);
+          kChunks[first][chunk_rows[c]](x32 + r0 * pairs + p0, pairs, wb + p0 * 128, np,
+                                        tile + r0 * 64, out, ld, pf + c * per_chunk * 64,
+                                        pf_lines, lpi);
+        }
+      }
+      if (n_cols < 64)
+        for (int64_t r = 0; r < m; ++r)
+          std::copy(last + r * 64, last + r * 64 + n_cols, y + r * n + nb * 64);
     }
   }
 }

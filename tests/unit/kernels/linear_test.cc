@@ -56,14 +56,16 @@ TEST_CASE("f32 Linear equals the reference matmul for every M and both layouts",
 
 TEST_CASE("bf16 Linear equals the reference on bf16-rounded inputs (f32 accumulation)",
           "[linear]") {
-  // Small M runs duet's own kernel on the packed layout, larger M runs oneDNN; K and N are not
-  // multiples of the 32x64 weight blocks, and M = 7 spans two row chunks of the small-M kernel.
-  const int64_t K = GENERATE(256, 70), N = 130;
+  // Small M (<= 16) runs duet's own kernel on the packed layout, larger M runs oneDNN. K and N
+  // are not multiples of the 32x64 weight blocks; the small-M kernel splits K into chunks of 128
+  // (K = 70: one partial chunk, 256: two, 300: two and a remainder) and M into 1, 2 or 3 row
+  // chunks of up to 6 rows (every M from 1 to 16); N = 130 ends in a partial 64-column block.
+  const int64_t K = GENERATE(256, 70, 300), N = 130;
   const auto w = Random(K * N, 7);
   auto lin = Linear::Create(K, N, w.data(), WeightLayout::kKN, nullptr, Precision::kBF16);
   REQUIRE(lin.ok());
   const auto wr = RoundBf16(w);
-  for (int64_t M : {1, 4, 7, 16, 17, 100}) {
+  for (int64_t M : {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 100}) {
     const auto x = Random(M * K, 11 + M);
     std::vector<float> ref(M * N), y(M * N);
     duet::kernels::reference::Matmul(RoundBf16(x).data(), wr.data(), nullptr, M, K, N, ref.data());
