@@ -55,7 +55,7 @@ constexpr const char* kCmd = "bench-pair";
 constexpr const char* kShape = "gpt2-124m";
 constexpr int kPromptLens[] = {128, 512};
 constexpr int kTtftReps = 3;    // one-process and pair rounds measured, after one warm-up
-constexpr int kDecodeReps = 2;  // measured per session count, after one warm-up round
+constexpr int kDecodeReps = 4;  // measured per session count, after one warm-up round
 constexpr int kDecodePrompt = 32;
 constexpr int kDecodeMaxTokens = 64;
 constexpr int32_t kMinId = 10, kMaxId = 4096;  // prompt ids: valid in the tokenizer we copy
@@ -526,6 +526,13 @@ int BenchPairMain(int argc, char** argv) {
     const auto& steady = decode_figs[n].steady_tokens_per_s;
     out["decode_steady_tokens_per_s"][std::to_string(n)] = steady ? json(*steady) : json(nullptr);
   }
+  // 0 when a run had no window in which every session was decoding.
+  const double steady_ratio =
+      decode_figs[1].steady_tokens_per_s && decode_figs[16].steady_tokens_per_s
+          ? decode_figs[16].steady_tokens_per_s.value_or(0) /
+                decode_figs[1].steady_tokens_per_s.value_or(1)
+          : 0.0;
+  out["decode_steady_ratio_16_over_1"] = steady_ratio;
 
   auto verdict = [](bool ok) { return ok ? "meets target" : "MISSES target"; };
   std::printf("\nduet bench-pair  (%s shape, random bf16 weights, %d threads per process)\n",
@@ -556,13 +563,18 @@ int BenchPairMain(int argc, char** argv) {
   std::printf("  %-12s %14s %14s\n", "", "tokens/s", "steady");
   std::printf("  %-12s %14.1f %s\n", "1 session", d1, steady(1).c_str());
   std::printf("  %-12s %14.1f %s\n", "16 sessions", d16, steady(16).c_str());
-  std::printf("  %-12s %13.2fx  %s (>= %.0f)\n", "16 / 1", d16 / d1,
-              verdict(d16 / d1 >= kDecodeRatioTarget), kDecodeRatioTarget);
+  std::printf("  %-12s %13.2fx %13.2fx\n", "16 / 1", d16 / d1, steady_ratio);
+  std::printf("  16 / 1, wall time:   %s (>= %.0f)\n", verdict(d16 / d1 >= kDecodeRatioTarget),
+              kDecodeRatioTarget);
+  std::printf("  16 / 1, steady:      %s (>= %.0f)\n",
+              verdict(steady_ratio >= kDecodeRatioTarget), kDecodeRatioTarget);
   std::printf(
       "  (tokens/s: all generated tokens / wall time from the first request's send to the\n"
-      "   last stream's end, so prefill and TTFT are included; this is the ratio's figure.\n"
+      "   last stream's end, so the 16 prompts' prefill and K/V transfer are included.\n"
       "   steady: tokens received while every session was between its first and last\n"
-      "   token, per second of that window. Best of %d runs after one 16-session warm-up)\n",
+      "   token, per second of that window: the decode service's own rate. Both ratios are\n"
+      "   printed; the wall-time one is the stricter. Best of %d runs after one 16-session\n"
+      "   warm-up)\n",
       kDecodeReps);
   std::printf("\nK/V on the wire per token (%d layers x %d kv heads x head_dim %d, K and V)\n",
               kv_shape.n_layers, kv_shape.n_kv_heads, kv_shape.head_dim);
