@@ -222,7 +222,9 @@ TEST_CASE("a multi-turn session equals one-process generation over the conversat
   conv.insert(conv.end(), r2.ids.begin(), r2.ids.end());
 
   // Another session big enough to evict the first one's K/V.
-  auto big = Generate(*stub, Greedy("a small animal that lives in the water", 600, true));
+  // 600 tokens: a minute of deadline, so a loaded CI machine does not turn it into a failure.
+  auto big =
+      Generate(*stub, Greedy("a small animal that lives in the water", 600, true), 60000);
   REQUIRE(big.status.ok());
   {
     grpc::ClientContext ctx;

@@ -272,13 +272,14 @@ void RunItem(const WorkItem& it, const float* q, int64_t q_stride, const PagedKv
     // (1) Scores. Blocks outer, kv heads inner: a block's heads lie next to each other.
     for (int32_t b = c0; b < c1; ++b) {
       const int32_t block = seq.block_table[b];
-      const int32_t ahead = b + kAhead;
-      const bool ahead_k = ahead < c1;
-      const int32_t ahead_block = seq.block_table[ahead_k ? ahead : c0 + (ahead - c1)];
+      // K of block b + kAhead, or past the chunk's end, V of the chunk's first blocks for (3).
+      const int32_t ahead = b + kAhead < c1 ? b + kAhead : c0 + (b + kAhead - c1);
+      const bool ahead_k = b + kAhead < c1, ahead_v = !ahead_k && ahead < c1;
+      const int32_t ahead_block = ahead_k || ahead_v ? seq.block_table[ahead] : -1;
       for (int32_t g = it.kv_head0; g < it.kv_head1; ++g) {
         if (ahead_k) {
           Prefetch(base + kv.k_offset(ahead_block, g), head_bytes);
-        } else if (c0 + (ahead - c1) < c1) {
+        } else if (ahead_v) {
           Prefetch(base + kv.v_offset(ahead_block, g, 0), head_bytes);
         }
         const T* kt = base + kv.k_offset(block, g);

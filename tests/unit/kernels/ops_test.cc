@@ -256,8 +256,8 @@ TEST_CASE("The f16 K/V cache rounds, saturates and keeps NaN", "[attention]") {
   CHECK(out[1] == 65504.f);
   CHECK(out[2] == -65504.f);
   CHECK(std::isnan(out[3]));
-  const float third = 1.f / 3;
-  kv.StoreV(0, 0, 0, &third);
+  const float third = 1.f / 3, thirds[4] = {third, third, third, third};
+  kv.StoreV(0, 0, 0, thirds);
   kv.LoadV(0, 0, 0, out);
   CHECK(std::fabs(out[0] - third) <= third * std::ldexp(1.0, -11));
 }
