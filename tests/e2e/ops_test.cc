@@ -110,14 +110,15 @@ struct HeldPrefill {
 TEST_CASE("decode SIGTERM: NOT_SERVING, new requests UNAVAILABLE, the running stream finishes, exit 0",
           "[ops]") {
   auto prefill = StartPrefill();
-  auto decode = StartDecode(prefill->address(), {"--drain-s", "30"});
+  // The drain and the deadline leave a loaded CI machine ten times the idle run time (~4 s).
+  auto decode = StartDecode(prefill->address(), {"--drain-s", "60"});
   REQUIRE(HealthStatus(decode->address()) == duet::testing::kServing);
   auto stub = v1::DecodeService::NewStub(
       grpc::CreateChannel(decode->address(), grpc::InsecureChannelCredentials()));
 
   // A long generation; wait until it streams, then SIGTERM.
   grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + 60s);
+  ctx.set_deadline(std::chrono::system_clock::now() + 120s);
   auto reader = stub->Generate(&ctx, Greedy("the king said", 1900));
   v1::GenerateResponse m;
   REQUIRE(reader->Read(&m));
