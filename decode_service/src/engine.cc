@@ -1,11 +1,14 @@
 #include "duet/decode/engine.h"
 
+#include <pthread.h>
+
 #include <algorithm>
 #include <span>
 
 #include <prometheus/histogram.h>
 
 #include "absl/strings/str_cat.h"
+#include "duet/kernels/threads.h"
 
 namespace duet::decode {
 
@@ -28,8 +31,12 @@ struct DecodeEngine::Running {
 };
 
 DecodeEngine::DecodeEngine(model::Model* model, const tokenizer::Tokenizer* tok, int32_t max_batch,
-                           metrics::DecodeMetrics* metrics)
-    : model_(model), tok_(tok), max_batch_(std::max(1, max_batch)), metrics_(metrics) {}
+                           metrics::DecodeMetrics* metrics, int32_t n_threads)
+    : model_(model),
+      tok_(tok),
+      max_batch_(std::max(1, max_batch)),
+      metrics_(metrics),
+      n_threads_(n_threads) {}
 
 DecodeEngine::~DecodeEngine() { Stop(); }
 
@@ -73,6 +80,11 @@ void DecodeEngine::Retire(Running& r, FinishEvent ev) {
 }
 
 void DecodeEngine::Loop() {
+  // OpenMP's thread count is per thread: set it on the thread that runs the kernels (a count
+  // set on main() would not reach this one, which would run on every core). The name shows in
+  // top -H and is inherited by the OpenMP workers this thread starts.
+  pthread_setname_np(pthread_self(), "duet-engine");
+  kernels::SetNumThreads(n_threads_);
   std::vector<std::unique_ptr<Running>> active;
   std::vector<float> logits;
   const int32_t V = model_->config().n_vocab;

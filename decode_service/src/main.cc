@@ -106,6 +106,7 @@ int main(int argc, char** argv) {
   opts.prefill_target = flags["prefill"].value;
   if (opts.prefill_target.empty()) Die("--prefill must name at least one prefill server");
   opts.max_batch = static_cast<int32_t>(ToInt(flags, "max-batch", 1, 4096));
+  opts.n_threads = static_cast<int32_t>(ToInt(flags, "threads", 0, 1024));
   opts.block_size = static_cast<int32_t>(ToInt(flags, "block-size", 1, 1024));
   opts.local_prefill_max_tokens =
       static_cast<int32_t>(ToInt(flags, "local-prefill-max-tokens", 0, 1 << 20));

@@ -176,7 +176,7 @@ DecodeServiceImpl::DecodeServiceImpl(model::Model* model, const tokenizer::Token
       pool_(std::move(*kv::BlockPool::Create(model->kv_shape(opts_.block_size), opts_.kv_blocks))),
       sessions_(pool_.get(), opts_.session_ttl),
       prefill_(opts_.prefill_target, model->fingerprint(), model->kv_shape(opts_.block_size)),
-      engine_(model, tok, opts_.max_batch, opts_.metrics) {
+      engine_(model, tok, opts_.max_batch, opts_.metrics, opts_.n_threads) {
   engine_.Start();
   reaper_ = std::thread([this] {
     while (!stop_reaper_.load()) {

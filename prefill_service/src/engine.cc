@@ -1,5 +1,7 @@
 #include "duet/prefill/engine.h"
 
+#include <pthread.h>
+
 #include <prometheus/counter.h>
 #include <prometheus/histogram.h>
 
@@ -154,7 +156,9 @@ EngineStats PrefillEngine::stats() const {
 }
 
 void PrefillEngine::Loop() {
-  // OpenMP's thread count is per thread: set it on the thread that runs the kernels.
+  // OpenMP's thread count is per thread: set it on the thread that runs the kernels. The name
+  // shows in top -H and is inherited by the OpenMP workers this thread starts.
+  pthread_setname_np(pthread_self(), "duet-engine");
   kernels::SetNumThreads(options_.n_threads);
   for (;;) {
     WaitForDrain();

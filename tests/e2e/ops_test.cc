@@ -5,6 +5,9 @@
 #include <signal.h>
 
 #include <catch2/catch.hpp>
+#include <filesystem>
+#include <fstream>
+#include <string>
 #include <thread>
 
 #include "duet/v1/decode.grpc.pb.h"
@@ -105,7 +108,45 @@ struct HeldPrefill {
   std::unique_ptr<grpc::ClientReader<v1::PrefillResponse>> reader;
 };
 
+// Threads named duet-engine in /proc/PID/task: the engine thread and the OpenMP workers it
+// started (they inherit its name).
+int EngineThreads(pid_t pid) {
+  int n = 0;
+  const std::filesystem::path dir = "/proc/" + std::to_string(pid) + "/task";
+  for (const auto& task : std::filesystem::directory_iterator(dir)) {
+    std::ifstream comm(task.path() / "comm");
+    std::string name;
+    std::getline(comm, name);
+    n += name == "duet-engine";
+  }
+  return n;
+}
+
 }  // namespace
+
+TEST_CASE("the threads flag is the kernels' thread count in both servers' engines", "[ops]") {
+  for (const std::string n : {"1", "2"}) {
+    SECTION("--threads " + n) {
+      ServerProcess prefill(DUET_PREFILL_BIN, {"--model", kModel, "--listen", "127.0.0.1:0",
+                                               "--threads", n, "--metrics-listen", "off"});
+      ServerProcess decode(DUET_DECODE_BIN,
+                           {"--model", kModel, "--listen", "127.0.0.1:0", "--prefill",
+                            prefill.address(), "--threads", n, "--kv-blocks", "64",
+                            "--metrics-listen", "off"});
+      auto stub = v1::DecodeService::NewStub(
+          grpc::CreateChannel(decode.address(), grpc::InsecureChannelCredentials()));
+      // A prompt long enough for prefill's parallel kernels, and some decode steps.
+      std::string prompt;
+      for (int i = 0; i < 40; ++i) prompt += "the king said unto them ";
+      const auto [st, tokens] = Generate(*stub, Greedy(prompt, 8));
+      INFO(st.error_message());
+      REQUIRE(st.ok());
+      CHECK(tokens == 8);
+      CHECK(EngineThreads(decode.pid()) == std::stoi(n));
+      CHECK(EngineThreads(prefill.pid()) == std::stoi(n));
+    }
+  }
+}
 
 TEST_CASE("decode SIGTERM: NOT_SERVING, new requests UNAVAILABLE, the running stream finishes, exit 0",
           "[ops]") {

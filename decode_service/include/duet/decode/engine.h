@@ -59,9 +59,10 @@ struct SequenceStart {
 
 class DecodeEngine {
  public:
-  // metrics may be null; else it outlives the engine (queue time, batch size).
+  // metrics may be null; else it outlives the engine (queue time, batch size). n_threads: the
+  // OpenMP threads of the engine's kernels (0: the OpenMP default, all cores).
   DecodeEngine(model::Model* model, const tokenizer::Tokenizer* tok, int32_t max_batch,
-               metrics::DecodeMetrics* metrics = nullptr);
+               metrics::DecodeMetrics* metrics = nullptr, int32_t n_threads = 0);
   ~DecodeEngine();
 
   void Start();
@@ -88,6 +89,7 @@ class DecodeEngine {
   bool stop_ = false;
   std::atomic<int32_t> running_{0};
   std::thread thread_;
+  const int32_t n_threads_;
 };
 
 }  // namespace duet::decode

@@ -24,6 +24,7 @@ namespace duet::decode {
 struct DecodeOptions {
   std::string prefill_target;             // see PrefillClient
   int32_t max_batch = 32;                 // sequences per engine step
+  int32_t n_threads = 0;                  // the engine's OpenMP threads (0: all cores)
   int32_t kv_blocks = 1024;               // K/V pool size in blocks
   int32_t block_size = 16;
   int32_t local_prefill_max_tokens = 32;  // continuation deltas up to this run on decode
