@@ -153,9 +153,9 @@ absl::StatusOr<PrefillFlags> ParseFlags(int argc, const char* const* argv, const
   }
   if (const Value* v = get("precision")) {
     if (v->text == "bf16") {
-      s.precision = kernels::Precision::kBF16;
+      s.model.precision = kernels::Precision::kBF16;
     } else if (v->text == "f32") {
-      s.precision = kernels::Precision::kF32;
+      s.model.precision = kernels::Precision::kF32;
     } else {
       return absl::InvalidArgumentError(
           absl::StrCat(v->source, ": expected bf16 or f32, got \"", v->text, "\""));
@@ -167,7 +167,7 @@ absl::StatusOr<PrefillFlags> ParseFlags(int argc, const char* const* argv, const
       return absl::InvalidArgumentError(
           absl::StrCat(v->source, ": expected f32 or f16, got \"", v->text, "\""));
     }
-    s.kv_cache_dtype = *d;
+    s.model.kv_cache_dtype = *d;
   }
   if (const Value* v = get("model-name")) s.model_name = v->text;
   if (const Value* v = get("block-size")) {

@@ -25,7 +25,7 @@ absl::StatusOr<std::unique_ptr<PrefillServer>> PrefillServer::Start(const Server
   s->registry_ = std::make_unique<metrics::Registry>(s->model_name_, "prefill");
   s->metrics_ = std::make_unique<metrics::PrefillMetrics>(*s->registry_);
 
-  auto model = model::Model::Load(options.model_dir, {options.precision, options.kv_cache_dtype});
+  auto model = model::Model::Load(options.model_dir, options.model);
   if (!model.ok()) return model.status();
   EngineOptions engine_options = options.engine;
   engine_options.metrics = s->metrics_.get();

@@ -136,24 +136,32 @@ const char* kPrompts[] = {"the meaning of a word", "a small animal that lives in
 
 }  // namespace
 
+namespace {
+
+// Every prompt of kPrompts, 24 greedy tokens through the pair, equals the one-process reference.
+void CheckGreedyEqualsReference(v1::DecodeService::Stub& stub, Reference& ref) {
+  for (const char* p : kPrompts) {
+    auto r = Generate(stub, Greedy(p, 24));
+    INFO(p << ": " << r.status.error_message());
+    REQUIRE(r.status.ok());
+    const auto expect = ref.Greedy(ref.tok->Encode(p, true), 24);
+    CHECK(r.ids == expect);
+    CHECK(r.text == ref.tok->Decode(expect));
+    CHECK(r.summary.generated_tokens() == 24);
+    CHECK(r.summary.finish_reason() == v1::FINISH_REASON_LENGTH);
+    CHECK(r.summary.kv_transfer_bytes() > 0);
+  }
+}
+
+}  // namespace
+
 TEST_CASE("greedy output through the pair equals one-process generation", "[pair]") {
   Reference ref;
   auto prefill = StartPrefill();
   for (const std::string dtype : {"f32", "bf16"}) {
     SECTION("K/V on the wire in " + dtype) {
       auto decode = StartDecode(prefill->address(), dtype);
-      auto stub = Client(*decode);
-      for (const char* p : kPrompts) {
-        auto r = Generate(*stub, Greedy(p, 24));
-        INFO(p << ": " << r.status.error_message());
-        REQUIRE(r.status.ok());
-        const auto expect = ref.Greedy(ref.tok->Encode(p, true), 24);
-        CHECK(r.ids == expect);
-        CHECK(r.text == ref.tok->Decode(expect));
-        CHECK(r.summary.generated_tokens() == 24);
-        CHECK(r.summary.finish_reason() == v1::FINISH_REASON_LENGTH);
-        CHECK(r.summary.kv_transfer_bytes() > 0);
-      }
+      CheckGreedyEqualsReference(*Client(*decode), ref);
     }
   }
   SECTION("K/V on the wire in int8: token agreement is printed") {
@@ -185,15 +193,7 @@ TEST_CASE("greedy output through the pair with f16 K/V caches equals one-process
   Reference ref(duet::kernels::KvDtype::kF16);
   auto prefill = StartPrefill(0, "f16");
   auto decode = StartDecode(prefill->address(), "f32", 256, "f16");
-  auto stub = Client(*decode);
-  for (const char* p : kPrompts) {
-    auto r = Generate(*stub, Greedy(p, 24));
-    INFO(p << ": " << r.status.error_message());
-    REQUIRE(r.status.ok());
-    const auto expect = ref.Greedy(ref.tok->Encode(p, true), 24);
-    CHECK(r.ids == expect);
-    CHECK(r.summary.generated_tokens() == 24);
-  }
+  CheckGreedyEqualsReference(*Client(*decode), ref);
 }
 
 TEST_CASE("a multi-turn session equals one-process generation over the conversation, also "

@@ -65,7 +65,7 @@ ServerOptions Options(const std::string& name, Precision precision = Precision::
   ServerOptions o;
   o.model_dir = ModelDir(name);
   o.listen = "127.0.0.1:0";
-  o.precision = precision;
+  o.model.precision = precision;
   o.engine.block_size = 4;
   o.engine.max_queue = 4;
   o.engine.log_requests = false;
@@ -722,8 +722,8 @@ TEST_CASE("Flags: env twins, precedence, validation", "[prefill][flags]") {
     CHECK(f->server.listen == "127.0.0.1:50052");
     CHECK(f->server.engine.max_queue == 16);
     CHECK(f->server.engine.max_chunk_bytes == (1u << 20));
-    CHECK(f->server.precision == Precision::kBF16);
-    CHECK(f->server.kv_cache_dtype == duet::kernels::KvDtype::kF32);
+    CHECK(f->server.model.precision == Precision::kBF16);
+    CHECK(f->server.model.kv_cache_dtype == duet::kernels::KvDtype::kF32);
     CHECK(f->server.model_name.empty());
   }
   SECTION("environment twins, and flags win over them") {
@@ -737,12 +737,12 @@ TEST_CASE("Flags: env twins, precedence, validation", "[prefill][flags]") {
     CHECK(f->server.model_dir == dir);
     CHECK(f->server.engine.max_queue == 5);
     CHECK(f->server.model_name == "y");
-    CHECK(f->server.precision == Precision::kF32);
+    CHECK(f->server.model.precision == Precision::kF32);
     CHECK(f->server.listen == "127.0.0.1:0");
     CHECK(f->server.engine.n_threads == 2);
     CHECK(f->server.engine.block_size == 8);
     CHECK(f->server.engine.max_chunk_bytes == 4096);
-    CHECK(f->server.kv_cache_dtype == duet::kernels::KvDtype::kF16);
+    CHECK(f->server.model.kv_cache_dtype == duet::kernels::KvDtype::kF16);
   }
   SECTION("errors name the flag or variable and the value") {
     auto expect_error = [&](std::vector<const char*> args, std::vector<std::string> needles) {

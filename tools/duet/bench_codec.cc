@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "args.h"
 #include "duet/kv/codec.h"
+#include "duet/model/model.h"
 #include "duet/tensor/dtype.h"
 #include "duet/tensor/malloc_tuning.h"
 
@@ -72,7 +73,7 @@ absl::StatusOr<Result> BenchDtype(const kv::SequenceKv& src, kv::SequenceKv* des
   const int32_t n_tokens = src.n_tokens();
   const double cache_bytes = static_cast<double>(shape.bytes_per_token()) * n_tokens;
   Result r;
-  r.cache = shape.dtype == kernels::KvDtype::kF32 ? "f32" : "f16";
+  r.cache = model::KvCacheDtypeName(shape.dtype);
   r.dtype = dtype == v1::KV_DTYPE_F32 ? "f32" : dtype == v1::KV_DTYPE_BF16 ? "bf16" : "int8";
   r.wire_bytes_per_token = kv::WireBytesPerToken(shape, dtype);
 

@@ -247,10 +247,15 @@ void RunItem(const WorkItem& it, const float* q, int64_t q_stride, const PagedKv
   const int64_t ld = static_cast<int64_t>(kChunkBlocks) * bs;
   // Query qi: kv head g = kv_head0 + qi / nq1, row = row0 + (qi % nq1) / group,
   // head h = g * group + (qi % nq1) % group.
-  for (int32_t qi = 0; qi < nq; ++qi) {
+  struct Query {
+    int32_t row, h;
+  };
+  auto query = [&](int32_t qi) {
     const int32_t g = it.kv_head0 + qi / nq1;
-    const int32_t row = it.row0 + (qi % nq1) / group;
-    const int32_t h = g * group + (qi % nq1) % group;
+    return Query{it.row0 + (qi % nq1) / group, g * group + (qi % nq1) % group};
+  };
+  for (int32_t qi = 0; qi < nq; ++qi) {
+    const auto [row, h] = query(qi);
     const float* src = q + (seq.row_begin + row) * q_stride + static_cast<int64_t>(h) * d;
     float* dst = sc.q.data() + static_cast<int64_t>(qi) * d;
     for (int32_t t = 0; t < d; ++t) dst[t] = src[t] * scale;
@@ -359,9 +364,7 @@ void RunItem(const WorkItem& it, const float* q, int64_t q_stride, const PagedKv
     }
   }
   for (int32_t qi = 0; qi < nq; ++qi) {
-    const int32_t g = it.kv_head0 + qi / nq1;
-    const int32_t row = it.row0 + (qi % nq1) / group;
-    const int32_t h = g * group + (qi % nq1) % group;
+    const auto [row, h] = query(qi);
     float* o = out + (seq.row_begin + row) * out_stride + static_cast<int64_t>(h) * d;
     const float* a = sc.acc.data() + static_cast<int64_t>(qi) * d;
     const float inv = 1.f / sc.l[qi];

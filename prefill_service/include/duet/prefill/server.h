@@ -11,6 +11,7 @@
 #include "duet/kernels/linear.h"
 #include "duet/metrics/metrics.h"
 #include "duet/metrics/server_metrics.h"
+#include "duet/model/model.h"
 #include "duet/prefill/engine.h"
 
 namespace grpc {
@@ -28,8 +29,7 @@ struct ServerOptions {
   // Prometheus /metrics over HTTP: host:port (port 0 picks a free one); empty: no exposer (the
   // metrics are still kept, see metrics_text()).
   std::string metrics_listen;
-  kernels::Precision precision = kernels::Precision::kBF16;
-  kernels::KvDtype kv_cache_dtype = kernels::KvDtype::kF32;  // the engine's K/V cache
+  model::ModelOptions model;  // precision and the engine's K/V cache element type
   EngineOptions engine;
 };
 
