@@ -372,6 +372,216 @@ void RunItem(const WorkItem& it, const float* q, int64_t q_stride, const PagedKv
   }
 }
 
+// ---- Decode: one new row per sequence, at most two query heads per kv head ----
+//
+// A decode step of a model without grouped queries (GPT-2) reads every cached K/V element once
+// for one query, so it is a pure stream of the cache. The chunked passes above read a chunk's K
+// then come back for its V: half of every block is skipped and then fetched, and a plain read in
+// that pattern reaches only ~60% of a sequential read here. This path reads each block once, in
+// memory order (all heads' K, then all heads' V), with one online-softmax update per query per
+// block, so the hardware prefetchers see one sequential stream per thread. A long context (few
+// sequences) is split into block ranges across threads, whose partial softmaxes are merged.
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// Online softmax of one block for G queries, then their share of V, for blocks [b0, b1) of one
+// sequence. qs: [H][d] scaled queries; m, l: [H] running max and sum; acc: [H][d]; p: [H][16].
+template <typename T, int G>
+__attribute__((target("avx512f"))) void DecodeRange(const PagedKvLayout& kv,
+                                                    const AttentionSeq& seq, int32_t b0,
+                                                    int32_t b1, const float* qs, float* m,
+                                                    float* l, float* acc, float* p) {
+  const int32_t d = kv.head_dim, n_kv = kv.n_kv_heads;
+  const int64_t hs = kv.head_stride();
+  const int32_t pos = seq.n_past;  // the new row's position
+  const T* base = static_cast<const T*>(kv.base);
+  constexpr int C = 8 / G;  // independent FMA chains per query
+  for (int32_t b = b0; b < b1; ++b) {
+    const int32_t block = seq.block_table[b];
+    const int32_t n = std::min(16, pos - b * 16 + 1);  // valid slots, >= 1
+    const __mmask16 valid = static_cast<__mmask16>(n == 16 ? 0xFFFFu : (1u << n) - 1u);
+    const T* kb = base + kv.k_offset(block, 0);
+    const T* vb = kb + kv.v_offset();
+    // Scores and the softmax update, kv head by kv head: K of the block in memory order.
+    for (int32_t g = 0; g < n_kv; ++g) {
+      const T* kt = kb + g * hs;
+      const float* qg = qs + static_cast<int64_t>(g) * G * d;
+      __m512 a[G][C];
+      for (int i = 0; i < G; ++i)
+        for (int c = 0; c < C; ++c) a[i][c] = _mm512_setzero_ps();
+      for (int32_t t = 0; t < d; t += C) {
+        for (int c = 0; c < C; ++c) {
+          const __m512 k = Load16(kt + static_cast<int64_t>(t + c) * 16);
+          for (int i = 0; i < G; ++i)
+            a[i][c] = _mm512_fmadd_ps(_mm512_set1_ps(qg[i * d + t + c]), k, a[i][c]);
+        }
+      }
+      for (int i = 0; i < G; ++i) {
+        const int32_t h = g * G + i;
+        __m512 sv = a[i][0];
+        for (int c = 1; c < C; ++c) sv = _mm512_add_ps(sv, a[i][c]);
+        sv = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, sv);
+        // A new maximum rescales what has been summed so far (rare after the first blocks).
+        if (_mm512_cmp_ps_mask(sv, _mm512_set1_ps(m[h]), _CMP_GT_OQ) != 0) {
+          const float mb = _mm512_reduce_max_ps(sv);
+          if (m[h] != -INFINITY) {
+            const float alpha = FastExp(m[h] - mb);
+            l[h] *= alpha;
+            const __m512 al = _mm512_set1_ps(alpha);
+            float* ah = acc + static_cast<int64_t>(h) * d;
+            for (int32_t t = 0; t < d; t += 16)
+              _mm512_storeu_ps(ah + t, _mm512_mul_ps(_mm512_loadu_ps(ah + t), al));
+          }
+          m[h] = mb;
+        }
+        const __m512 pv =
+            _mm512_maskz_mov_ps(valid, FastExp16(_mm512_sub_ps(sv, _mm512_set1_ps(m[h]))));
+        l[h] += _mm512_reduce_add_ps(pv);
+        _mm512_storeu_ps(p + h * 16, pv);
+      }
+    }
+    // Probabilities times V: the block's V in memory order, slot rows of d elements.
+    for (int32_t g = 0; g < n_kv; ++g) {
+      const T* vg = vb + g * hs;
+      for (int32_t t0 = 0; t0 < d; t0 += 64) {
+        const int W = std::min<int32_t>(4, (d - t0) / 16);
+        __m512 x[G][4], y[G][4];
+        for (int i = 0; i < G; ++i)
+          for (int w = 0; w < 4; ++w) {
+            const float* a = acc + static_cast<int64_t>(g * G + i) * d + t0 + 16 * w;
+            x[i][w] = w < W ? _mm512_loadu_ps(a) : _mm512_setzero_ps();
+            y[i][w] = _mm512_setzero_ps();
+          }
+        int32_t j = 0;
+        for (; j + 2 <= n; j += 2) {
+          const T* r0 = vg + static_cast<int64_t>(j) * d + t0;
+          const T* r1 = r0 + d;
+          for (int w = 0; w < 4; ++w) {
+            if (w >= W) break;
+            const __m512 v0 = Load16(r0 + 16 * w), v1 = Load16(r1 + 16 * w);
+            for (int i = 0; i < G; ++i) {
+              const float* ph = p + (g * G + i) * 16;
+              x[i][w] = _mm512_fmadd_ps(_mm512_set1_ps(ph[j]), v0, x[i][w]);
+              y[i][w] = _mm512_fmadd_ps(_mm512_set1_ps(ph[j + 1]), v1, y[i][w]);
+            }
+          }
+        }
+        if (j < n) {
+          const T* r0 = vg + static_cast<int64_t>(j) * d + t0;
+          for (int w = 0; w < W; ++w) {
+            const __m512 v0 = Load16(r0 + 16 * w);
+            for (int i = 0; i < G; ++i)
+              x[i][w] = _mm512_fmadd_ps(_mm512_set1_ps(p[(g * G + i) * 16 + j]), v0, x[i][w]);
+          }
+        }
+        for (int i = 0; i < G; ++i)
+          for (int w = 0; w < W; ++w)
+            _mm512_storeu_ps(acc + static_cast<int64_t>(g * G + i) * d + t0 + 16 * w,
+                             _mm512_add_ps(x[i][w], y[i][w]));
+      }
+    }
+  }
+}
+
+#pragma GCC diagnostic pop
+
+// A decode step's unit of work: blocks [b0, b1) of one sequence, all heads. `part` >= 0 names
+// its slot in the partial results when the sequence is split, -1 when it is whole.
+struct DecodeWork {
+  int32_t seq, b0, b1, part;
+};
+
+void DecodeAttention(const float* q, int64_t q_stride, const PagedKvLayout& kv,
+                     const AttentionSeq* seqs, int32_t n_seqs, int32_t n_heads, float scale,
+                     float* out, int64_t out_stride) {
+  const int32_t group = n_heads / kv.n_kv_heads, d = kv.head_dim, bs = kv.block_size;
+  const int32_t threads = std::max(1, omp_get_max_threads());
+  // Split a sequence into parts when there are fewer sequences than two per thread, but keep a
+  // part at least 8 blocks long (the merge costs a few vectors per head).
+  const int32_t want_parts = std::max(1, (2 * threads + n_seqs - 1) / n_seqs);
+  std::vector<DecodeWork> work;
+  int32_t n_parts = 0;
+  for (int32_t s = 0; s < n_seqs; ++s) {
+    const int32_t n_blocks = seqs[s].n_past / bs + 1;
+    const int32_t parts = std::clamp(n_blocks / 8, 1, want_parts);
+    for (int32_t i = 0; i < parts; ++i) {
+      work.push_back({s, n_blocks * i / parts, n_blocks * (i + 1) / parts,
+                      parts == 1 ? -1 : n_parts++});
+    }
+  }
+  const int64_t per_part = static_cast<int64_t>(n_heads) * (d + 2);  // m, l, acc[d] per head
+  std::vector<float> partials(static_cast<size_t>(n_parts) * per_part);
+  const int64_t n_work = static_cast<int64_t>(work.size());
+
+#pragma omp parallel if (n_work > 1)
+  {
+    std::vector<float> qs(static_cast<size_t>(n_heads) * d), acc(qs.size()), m(n_heads),
+        l(n_heads), p(static_cast<size_t>(n_heads) * 16);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t w = 0; w < n_work; ++w) {
+      const DecodeWork& it = work[w];
+      const AttentionSeq& seq = seqs[it.seq];
+      const float* qrow = q + seq.row_begin * q_stride;
+      for (int64_t i = 0; i < static_cast<int64_t>(n_heads) * d; ++i) qs[i] = qrow[i] * scale;
+      std::fill(m.begin(), m.end(), -INFINITY);
+      std::fill(l.begin(), l.end(), 0.f);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const auto run = group == 1
+                           ? (kv.dtype == KvDtype::kF32 ? DecodeRange<float, 1>
+                                                        : DecodeRange<uint16_t, 1>)
+                           : (kv.dtype == KvDtype::kF32 ? DecodeRange<float, 2>
+                                                        : DecodeRange<uint16_t, 2>);
+      run(kv, seq, it.b0, it.b1, qs.data(), m.data(), l.data(), acc.data(), p.data());
+      if (it.part < 0) {
+        float* o = out + seq.row_begin * out_stride;
+        for (int32_t h = 0; h < n_heads; ++h) {
+          const float inv = 1.f / l[h];
+          for (int32_t t = 0; t < d; ++t)
+            o[static_cast<int64_t>(h) * d + t] = acc[static_cast<int64_t>(h) * d + t] * inv;
+        }
+      } else {
+        float* pp = partials.data() + it.part * per_part;
+        for (int32_t h = 0; h < n_heads; ++h) {
+          pp[h * (d + 2)] = m[h];
+          pp[h * (d + 2) + 1] = l[h];
+          std::copy(acc.begin() + static_cast<int64_t>(h) * d,
+                    acc.begin() + static_cast<int64_t>(h + 1) * d, pp + h * (d + 2) + 2);
+        }
+      }
+    }
+  }
+  // Merge the parts of split sequences: rescale each part's sums to the overall maximum.
+  for (int64_t w = 0; w < n_work;) {
+    if (work[w].part < 0) {
+      ++w;
+      continue;
+    }
+    int64_t e = w;
+    while (e < n_work && work[e].seq == work[w].seq) ++e;
+    const AttentionSeq& seq = seqs[work[w].seq];
+    float* o = out + seq.row_begin * out_stride;
+    for (int32_t h = 0; h < n_heads; ++h) {
+      float mx = -INFINITY;
+      for (int64_t i = w; i < e; ++i)
+        mx = std::max(mx, partials[work[i].part * per_part + h * (d + 2)]);
+      float sum = 0.f;
+      float* oh = o + static_cast<int64_t>(h) * d;
+      std::fill(oh, oh + d, 0.f);
+      for (int64_t i = w; i < e; ++i) {
+        const float* pp = partials.data() + work[i].part * per_part + h * (d + 2);
+        const float f = FastExp(pp[0] - mx);
+        sum += f * pp[1];
+        for (int32_t t = 0; t < d; ++t) oh[t] += f * pp[2 + t];
+      }
+      const float inv = 1.f / sum;
+      for (int32_t t = 0; t < d; ++t) oh[t] *= inv;
+    }
+    w = e;
+  }
+}
+
 }  // namespace
 
 void PagedAttention(const float* q, int64_t q_stride, const PagedKvLayout& kv,
@@ -382,6 +592,12 @@ void PagedAttention(const float* q, int64_t q_stride, const PagedKvLayout& kv,
   const int32_t bs = kv.block_size;
   const int32_t tile_rows = std::max(1, 32 / group);
   const bool wide = bs == 16 && d % 16 == 0 && HasAvx512();
+  bool decode = wide && group <= 2;
+  for (int32_t s = 0; s < n_seqs && decode; ++s) decode = seqs[s].n_new == 1;
+  if (decode) {
+    DecodeAttention(q, q_stride, kv, seqs, n_seqs, n_heads, scale, out, out_stride);
+    return;
+  }
 
   std::vector<WorkItem> work;
   // Few tiles (decode): an item takes a run of adjacent kv heads, whose K (and V) lie next to each

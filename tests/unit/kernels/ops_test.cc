@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <tuple>
 #include <vector>
 
@@ -131,104 +132,147 @@ TEST_CASE("GeluTanh and SiluMul match their closed forms", "[ops]") {
 // The shapes real models use (block size 16, head_dim 64 and 128, grouped-query attention), where
 // the vectorized path runs, with an f32 and an f16 cache: every output equals a dense
 // double-precision reference over the K/V the cache holds (f16-rounded for the f16 cache).
-TEST_CASE("PagedAttention at real shapes equals dense causal attention", "[attention]") {
-  for (const auto dtype : {k::KvDtype::kF32, k::KvDtype::kF16}) {
-  for (const auto& [d, n_heads, n_kv] : {std::tuple{64, 12, 12}, std::tuple{64, 8, 2},
-                                         std::tuple{128, 4, 1}, std::tuple{32, 2, 2}}) {
-    const int32_t bs = 16, group = n_heads / n_kv;
-    // Sequence 0 prefills 37 rows from scratch; sequence 1 has 50 past positions and decodes 1;
-    // sequence 2 has 16 past and prefills 9; sequence 3 has 530 past (past attention's
-    // 256-position chunks) and prefills 3. Blocks are scattered through the pool.
-    struct S { int32_t past, n_new; };
-    const S spec[4] = {{0, 37}, {50, 1}, {16, 9}, {530, 3}};
-    std::vector<std::vector<int32_t>> tables(4);
-    int32_t n_blocks = 0;
-    for (int s = 0; s < 4; ++s) {
-      const int32_t nb = (spec[s].past + spec[s].n_new + bs - 1) / bs;
-      for (int32_t b = 0; b < nb; ++b) tables[s].push_back(n_blocks++);
-    }
-    std::vector<int32_t> perm(n_blocks);
-    for (int32_t i = 0; i < n_blocks; ++i) perm[i] = (i * 37 + 11) % n_blocks;  // 37 coprime
-    for (auto& t : tables)
-      for (auto& b : t) b = perm[b];
-    const int64_t elems = static_cast<int64_t>(n_blocks) * 2 * n_kv * bs * d;
-    std::vector<float> pool(elems);  // f32 storage is large enough for either dtype
-    k::PagedKvLayout kv;
-    kv.base = pool.data();
-    kv.dtype = dtype;
-    kv.block_stride = 2 * int64_t{n_kv} * bs * d;
-    kv.layer_offset = 0;
-    kv.block_size = bs;
-    kv.n_kv_heads = n_kv;
-    kv.head_dim = d;
-    // What the cache holds, as f32.
-    auto held = [&](float x) {
-      return dtype == k::KvDtype::kF32 ? x : duet::F16ToF32(duet::F32ToF16Sat(x));
-    };
-    std::vector<std::vector<float>> K(4), V(4);  // [pos][kv_head][d]
-    std::vector<float> Q;                          // [row][head][d]
-    std::vector<k::AttentionSeq> seqs;
-    int32_t row = 0;
-    for (int s = 0; s < 4; ++s) {
-      const int32_t T = spec[s].past + spec[s].n_new;
-      K[s].resize(static_cast<size_t>(T) * n_kv * d);
-      V[s].resize(K[s].size());
-      for (size_t i = 0; i < K[s].size(); ++i) {
-        K[s][i] = std::sin(0.37f * i + s);
-        V[s][i] = std::cos(0.53f * i - s);
-      }
-      for (int32_t p = 0; p < T; ++p)
-        for (int32_t h = 0; h < n_kv; ++h) {
-          const int32_t block = tables[s][p / bs], slot = p % bs;
-          kv.StoreK(block, h, slot, &K[s][(static_cast<size_t>(p) * n_kv + h) * d]);
-          kv.StoreV(block, h, slot, &V[s][(static_cast<size_t>(p) * n_kv + h) * d]);
-        }
-      for (auto& x : K[s]) x = held(x);
-      for (auto& x : V[s]) x = held(x);
-      for (int32_t j = 0; j < spec[s].n_new * n_heads * d; ++j)
-        Q.push_back(std::sin(0.71f * static_cast<float>(Q.size()) + 0.2f));
-      seqs.push_back({tables[s].data(), spec[s].past, spec[s].n_new, row});
-      row += spec[s].n_new;
-    }
-    // Store then load gives back what the cache holds.
-    std::vector<float> back(d);
-    kv.LoadK(tables[3][32], 0, 5, back.data());
-    CHECK(back[1] == K[3][(static_cast<size_t>(32 * bs + 5) * n_kv) * d + 1]);
-    kv.LoadV(tables[3][32], 0, 5, back.data());
-    CHECK(back[2] == V[3][(static_cast<size_t>(32 * bs + 5) * n_kv) * d + 2]);
-    const float scale = 1.f / std::sqrt(static_cast<float>(d));
-    const int64_t stride = int64_t{n_heads} * d;
-    std::vector<float> out(static_cast<size_t>(row) * stride, -1.f);
-    k::PagedAttention(Q.data(), stride, kv, seqs.data(), 4, n_heads, scale, out.data(), stride);
-    double worst = 0;
-    for (int s = 0; s < 4; ++s)
-      for (int32_t r = 0; r < spec[s].n_new; ++r) {
-        const int32_t pos = spec[s].past + r;
-        const int64_t qrow = seqs[s].row_begin + r;
-        for (int32_t h = 0; h < n_heads; ++h) {
-          const int32_t g = h / group;
-          std::vector<double> sc(pos + 1);
-          double mx = -1e300, sum = 0;
-          for (int32_t j = 0; j <= pos; ++j) {
-            double dot = 0;
-            for (int32_t t = 0; t < d; ++t)
-              dot += double{Q[qrow * stride + h * d + t]} * K[s][(static_cast<size_t>(j) * n_kv + g) * d + t];
-            sc[j] = dot * scale;
-            mx = std::max(mx, sc[j]);
-          }
-          for (auto& v : sc) sum += (v = std::exp(v - mx));
-          for (int32_t t = 0; t < d; ++t) {
-            double o = 0;
-            for (int32_t j = 0; j <= pos; ++j)
-              o += sc[j] / sum * V[s][(static_cast<size_t>(j) * n_kv + g) * d + t];
-            worst = std::max(worst, std::fabs(o - out[qrow * stride + h * d + t]));
-          }
-        }
-      }
-    INFO("cache " << (dtype == k::KvDtype::kF32 ? "f32" : "f16") << ", head_dim " << d << ", "
-                  << n_heads << " heads, " << n_kv << " kv heads");
-    CHECK(worst < 2e-5);
+namespace {
+
+struct SeqSpec {
+  int32_t past, n_new;
+};
+
+// Runs PagedAttention over sequences `spec` (blocks scattered through the pool) and returns the
+// largest |difference| from dense causal attention in double precision over what the cache holds.
+double WorstVsDense(k::KvDtype dtype, int32_t d, int32_t n_heads, int32_t n_kv,
+                    const std::vector<SeqSpec>& spec) {
+  const int32_t bs = 16, group = n_heads / n_kv, n_seqs = static_cast<int32_t>(spec.size());
+  std::vector<std::vector<int32_t>> tables(n_seqs);
+  int32_t n_blocks = 0;
+  for (int s = 0; s < n_seqs; ++s) {
+    const int32_t nb = (spec[s].past + spec[s].n_new + bs - 1) / bs;
+    for (int32_t b = 0; b < nb; ++b) tables[s].push_back(n_blocks++);
   }
+  std::vector<int32_t> perm(n_blocks);
+  int32_t step = 37;  // coprime with n_blocks
+  while (std::gcd(step, n_blocks) != 1) ++step;
+  for (int32_t i = 0; i < n_blocks; ++i) perm[i] = (i * step + 11) % n_blocks;
+  for (auto& t : tables)
+    for (auto& b : t) b = perm[b];
+  const int64_t elems = static_cast<int64_t>(n_blocks) * 2 * n_kv * bs * d;
+  std::vector<float> pool(elems);  // f32 storage is large enough for either dtype
+  k::PagedKvLayout kv;
+  kv.base = pool.data();
+  kv.dtype = dtype;
+  kv.block_stride = 2 * int64_t{n_kv} * bs * d;
+  kv.layer_offset = 0;
+  kv.block_size = bs;
+  kv.n_kv_heads = n_kv;
+  kv.head_dim = d;
+  // What the cache holds, as f32.
+  auto held = [&](float x) {
+    return dtype == k::KvDtype::kF32 ? x : duet::F16ToF32(duet::F32ToF16Sat(x));
+  };
+  std::vector<std::vector<float>> K(n_seqs), V(n_seqs);  // [pos][kv_head][d]
+  std::vector<float> Q;                                   // [row][head][d]
+  std::vector<k::AttentionSeq> seqs;
+  int32_t row = 0;
+  for (int s = 0; s < n_seqs; ++s) {
+    const int32_t T = spec[s].past + spec[s].n_new;
+    K[s].resize(static_cast<size_t>(T) * n_kv * d);
+    V[s].resize(K[s].size());
+    for (size_t i = 0; i < K[s].size(); ++i) {
+      // Scores grow with position in some heads, so the running max moves late in the context.
+      K[s][i] = std::sin(0.37f * i + s) * (1.f + 2.f * static_cast<float>(i) / K[s].size());
+      V[s][i] = std::cos(0.53f * i - s);
+    }
+    for (int32_t p = 0; p < T; ++p)
+      for (int32_t h = 0; h < n_kv; ++h) {
+        const int32_t block = tables[s][p / bs], slot = p % bs;
+        kv.StoreK(block, h, slot, &K[s][(static_cast<size_t>(p) * n_kv + h) * d]);
+        kv.StoreV(block, h, slot, &V[s][(static_cast<size_t>(p) * n_kv + h) * d]);
+      }
+    for (auto& x : K[s]) x = held(x);
+    for (auto& x : V[s]) x = held(x);
+    for (int32_t j = 0; j < spec[s].n_new * n_heads * d; ++j)
+      Q.push_back(std::sin(0.71f * static_cast<float>(Q.size()) + 0.2f));
+    seqs.push_back({tables[s].data(), spec[s].past, spec[s].n_new, row});
+    row += spec[s].n_new;
+  }
+  // Store then load gives back what the cache holds.
+  std::vector<float> back(d);
+  const int32_t last = spec[0].past + spec[0].n_new - 1;
+  kv.LoadK(tables[0][last / bs], 0, last % bs, back.data());
+  CHECK(back[1] == K[0][(static_cast<size_t>(last) * n_kv) * d + 1]);
+  kv.LoadV(tables[0][last / bs], 0, last % bs, back.data());
+  CHECK(back[2] == V[0][(static_cast<size_t>(last) * n_kv) * d + 2]);
+  const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  const int64_t stride = int64_t{n_heads} * d;
+  std::vector<float> out(static_cast<size_t>(row) * stride, -1.f);
+  k::PagedAttention(Q.data(), stride, kv, seqs.data(), n_seqs, n_heads, scale, out.data(), stride);
+  double worst = 0;
+  for (int s = 0; s < n_seqs; ++s)
+    for (int32_t r = 0; r < spec[s].n_new; ++r) {
+      const int32_t pos = spec[s].past + r;
+      const int64_t qrow = seqs[s].row_begin + r;
+      for (int32_t h = 0; h < n_heads; ++h) {
+        const int32_t g = h / group;
+        std::vector<double> sc(pos + 1);
+        double mx = -1e300, sum = 0;
+        for (int32_t j = 0; j <= pos; ++j) {
+          double dot = 0;
+          for (int32_t t = 0; t < d; ++t)
+            dot += double{Q[qrow * stride + h * d + t]} *
+                   K[s][(static_cast<size_t>(j) * n_kv + g) * d + t];
+          sc[j] = dot * scale;
+          mx = std::max(mx, sc[j]);
+        }
+        for (auto& v : sc) sum += (v = std::exp(v - mx));
+        for (int32_t t = 0; t < d; ++t) {
+          double o = 0;
+          for (int32_t j = 0; j <= pos; ++j)
+            o += sc[j] / sum * V[s][(static_cast<size_t>(j) * n_kv + g) * d + t];
+          worst = std::max(worst, std::fabs(o - out[qrow * stride + h * d + t]));
+        }
+      }
+    }
+  return worst;
+}
+
+const char* Name(k::KvDtype t) { return t == k::KvDtype::kF32 ? "f32" : "f16"; }
+
+}  // namespace
+
+TEST_CASE("PagedAttention at real shapes equals dense causal attention", "[attention]") {
+  // Sequence 0 prefills 37 rows from scratch; sequence 1 has 50 past positions and decodes 1;
+  // sequence 2 has 16 past and prefills 9; sequence 3 has 530 past (past attention's
+  // 256-position chunks) and prefills 3.
+  const std::vector<SeqSpec> spec = {{0, 37}, {50, 1}, {16, 9}, {530, 3}};
+  for (const auto dtype : {k::KvDtype::kF32, k::KvDtype::kF16}) {
+    for (const auto& [d, n_heads, n_kv] : {std::tuple{64, 12, 12}, std::tuple{64, 8, 2},
+                                           std::tuple{128, 4, 1}, std::tuple{32, 2, 2}}) {
+      INFO("cache " << Name(dtype) << ", head_dim " << d << ", " << n_heads << " heads, " << n_kv
+                    << " kv heads");
+      CHECK(WorstVsDense(dtype, d, n_heads, n_kv, spec) < 2e-5);
+    }
+  }
+}
+
+// A decode step (one new row per sequence) has its own path: one pass over each block in memory
+// order, and a long context split across threads with the partial softmaxes merged.
+TEST_CASE("PagedAttention of a decode step equals dense causal attention", "[attention]") {
+  const std::vector<std::vector<SeqSpec>> batches = {
+      {{0, 1}},                                            // a first token
+      {{1000, 1}},                                         // one long context: split
+      {{15, 1}, {16, 1}, {4, 1}, {31, 1}, {700, 1}, {63, 1}},  // block edges, mixed lengths
+      {{300, 1}, {129, 1}},
+  };
+  for (const auto dtype : {k::KvDtype::kF32, k::KvDtype::kF16}) {
+    for (const auto& [d, n_heads, n_kv] :
+         {std::tuple{64, 12, 12}, std::tuple{32, 4, 2}, std::tuple{128, 4, 4},
+          std::tuple{80, 6, 3}, std::tuple{64, 8, 2}}) {
+      for (size_t b = 0; b < batches.size(); ++b) {
+        INFO("cache " << Name(dtype) << ", head_dim " << d << ", " << n_heads << " heads, "
+                      << n_kv << " kv heads, batch " << b);
+        CHECK(WorstVsDense(dtype, d, n_heads, n_kv, batches[b]) < 2e-5);
+      }
+    }
   }
 }
 
