@@ -23,7 +23,7 @@ BlockPool::BlockPool(const KvShape& shape, int32_t n_blocks)
       n_blocks_(n_blocks),
       memory_(static_cast<size_t>(n_blocks) * shape.bytes_per_block()) {
   free_.reserve(n_blocks);
-  // Hand out low block ids first.
+  // The free list is a stack (its end is handed out first), lowest ids on top.
   for (int32_t b = n_blocks - 1; b >= 0; --b) free_.push_back(b);
   refs_.assign(n_blocks, 0);
 }
@@ -36,7 +36,9 @@ absl::StatusOr<std::vector<int32_t>> BlockPool::Allocate(int32_t n) {
                                                      " blocks, ", free_.size(), " free of ",
                                                      n_blocks_));
   }
-  std::vector<int32_t> out(free_.end() - n, free_.end());
+  // Rising ids within one allocation: attention reads a sequence's blocks in order, and blocks
+  // at rising addresses keep the hardware prefetchers streaming from one block into the next.
+  std::vector<int32_t> out(free_.rbegin(), free_.rbegin() + n);
   free_.resize(free_.size() - n);
   for (int32_t b : out) refs_[b] = 1;
   return out;
@@ -44,7 +46,9 @@ absl::StatusOr<std::vector<int32_t>> BlockPool::Allocate(int32_t n) {
 
 void BlockPool::Free(std::span<const int32_t> blocks) {
   absl::MutexLock lock(&mu_);
-  for (int32_t b : blocks) {
+  // Pushed last block first, so that the next allocation takes them back in rising order.
+  for (auto it = blocks.rbegin(); it != blocks.rend(); ++it) {
+    const int32_t b = *it;
     if (b < 0 || b >= n_blocks_ || refs_[b] == 0) continue;  // defensive: double free ignored
     if (--refs_[b] == 0) free_.push_back(b);
   }

@@ -441,14 +441,17 @@ absl::Status Model::Forward(std::span<const BatchItem> items, std::vector<float>
       kernels::Rope(s.qkv.data() + QD, M, QKV, c.n_kv_heads, D, s.positions.data(),
                     w_->inv_freq.data());
     }
-    // Write the new rows' K and V into their sequences' blocks.
+    // Write the new rows' K and V into their sequences' blocks. Each (sequence, kv head) pair
+    // writes disjoint memory, so the pairs are spread over the threads: a prompt's by head, a
+    // decode batch's by sequence and head (a new K row is a strided write into cold lines).
     const kernels::PagedKvLayout layout = items[0].kv->pool()->Layout(l);
-    for (size_t i = 0; i < items.size(); ++i) {
+    {
       ScopedOp prof(Op::kKvWrite);
-      const auto& seq = s.seqs[i];
-      // Heads write disjoint memory: a prompt's rows are spread over the threads by head.
-#pragma omp parallel for schedule(static) if (seq.n_new >= 64)
-      for (int32_t h = 0; h < c.n_kv_heads; ++h) {
+      const int64_t n_pairs = static_cast<int64_t>(items.size()) * c.n_kv_heads;
+#pragma omp parallel for schedule(static) if (M * c.n_kv_heads >= 64)
+      for (int64_t pair = 0; pair < n_pairs; ++pair) {
+        const auto& seq = s.seqs[pair / c.n_kv_heads];
+        const int32_t h = static_cast<int32_t>(pair % c.n_kv_heads);
         for (int32_t j = 0; j < seq.n_new; ++j) {
           const int64_t row = seq.row_begin + j;
           const int32_t pos = seq.n_past + j;
