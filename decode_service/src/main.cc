@@ -33,7 +33,7 @@ std::map<std::string, Flag> DefaultFlags() {
       {"prefill", {"DUET_PREFILL", "127.0.0.1:50052", "prefill target: host:port, a,b list, dns:///name"}},
       {"threads", {"DUET_THREADS", "0", "engine threads (0 = all cores)"}},
       {"precision", {"DUET_PRECISION", "bf16", "bf16 or f32"}},
-      {"kv-cache-dtype", {"DUET_KV_CACHE_DTYPE", "f32", "K/V cache element type: f32, or f16 (half the memory)"}},
+      {"kv-cache-dtype", {"DUET_KV_CACHE_DTYPE", "f32", "K/V cache element type: f32, f16 (half the memory) or int8 (a quarter)"}},
       {"max-batch", {"DUET_MAX_BATCH", "32", "sequences per decode step"}},
       {"kv-blocks", {"DUET_KV_BLOCKS", "0", "K/V pool blocks (0: from --kv-cache-mb)"}},
       {"kv-cache-mb", {"DUET_KV_CACHE_MB", "1024", "K/V pool size in MiB"}},

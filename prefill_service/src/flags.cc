@@ -58,7 +58,7 @@ absl::StatusOr<int64_t> ParseInt(const Value& v, int64_t lo, int64_t hi) {
 
 std::string Usage() {
   return "usage: duet-prefill --model DIR [--listen HOST:PORT] [--threads N] [--max-queue N]\n"
-         "                    [--precision bf16|f32] [--kv-cache-dtype f32|f16]\n"
+         "                    [--precision bf16|f32] [--kv-cache-dtype f32|f16|int8]\n"
          "                    [--model-name NAME] [--block-size N]\n"
          "                    [--max-chunk-bytes N] [--max-context N]\n"
          "                    [--metrics-listen HOST:PORT|off] [--drain-s N] [--max-batch N]\n"
@@ -67,8 +67,9 @@ std::string Usage() {
          "  --metrics-listen  Prometheus /metrics over HTTP (default 127.0.0.1:9402; port 0 picks\n"
          "                    a free port; off: none)\n"
          "  --drain-s         on SIGTERM, seconds running streams get to finish (default 20)\n"
-         "  --kv-cache-dtype  element type of the engine's K/V cache: f32 (default) or f16 (half\n"
-         "                    the memory; about 2^-12 relative error per element)\n"
+         "  --kv-cache-dtype  element type of the engine's K/V cache: f32 (default), f16 (half\n"
+         "                    the memory; about 2^-12 relative error per element) or int8 (a\n"
+         "                    quarter; one scale per position and head, error <= max/254)\n"
          "Every flag has an environment twin: DUET_MODEL, DUET_LISTEN, DUET_THREADS,\n"
          "DUET_MAX_QUEUE, DUET_PRECISION, DUET_MODEL_NAME, DUET_BLOCK_SIZE,\n"
          "DUET_MAX_CHUNK_BYTES, DUET_MAX_CONTEXT, DUET_METRICS_LISTEN, DUET_DRAIN_S,\n"
@@ -165,7 +166,7 @@ absl::StatusOr<PrefillFlags> ParseFlags(int argc, const char* const* argv, const
     auto d = model::ParseKvCacheDtype(v->text);
     if (!d.ok()) {
       return absl::InvalidArgumentError(
-          absl::StrCat(v->source, ": expected f32 or f16, got \"", v->text, "\""));
+          absl::StrCat(v->source, ": expected f32, f16 or int8, got \"", v->text, "\""));
     }
     s.model.kv_cache_dtype = *d;
   }

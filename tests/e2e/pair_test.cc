@@ -196,6 +196,17 @@ TEST_CASE("greedy output through the pair with f16 K/V caches equals one-process
   CheckGreedyEqualsReference(*Client(*decode), ref);
 }
 
+// Both servers with int8 K/V caches (--kv-cache-dtype int8) and int8 on the wire: each cached
+// row is a scale and int8 values, the wire's int8 rows are the same, so decode holds exactly what
+// prefill's cache held and the pair equals one process with an int8 cache.
+TEST_CASE("greedy output through the pair with int8 K/V caches equals one-process generation",
+          "[pair]") {
+  Reference ref(duet::kernels::KvDtype::kI8);
+  auto prefill = StartPrefill(0, "int8");
+  auto decode = StartDecode(prefill->address(), "int8", 256, "int8");
+  CheckGreedyEqualsReference(*Client(*decode), ref);
+}
+
 TEST_CASE("a multi-turn session equals one-process generation over the conversation, also "
           "after eviction",
           "[pair]") {

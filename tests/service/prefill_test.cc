@@ -725,6 +725,9 @@ TEST_CASE("Flags: env twins, precedence, validation", "[prefill][flags]") {
     CHECK(f->server.model.precision == Precision::kBF16);
     CHECK(f->server.model.kv_cache_dtype == duet::kernels::KvDtype::kF32);
     CHECK(f->server.model_name.empty());
+    auto i8 = parse({"--model", dir.c_str(), "--kv-cache-dtype", "int8"});
+    REQUIRE(i8.ok());
+    CHECK(i8->server.model.kv_cache_dtype == duet::kernels::KvDtype::kI8);
   }
   SECTION("environment twins, and flags win over them") {
     env = {{"DUET_MODEL", dir},       {"DUET_MAX_QUEUE", "3"},

@@ -162,7 +162,8 @@ int BenchCodecMain(int argc, char** argv) {
               "decode GB/s", "wire B/token", "chunks", "max chunk bytes", "max |error|");
   std::vector<Result> results;
   kv::KvShape shape{12, 12, 64, 16};
-  for (kernels::KvDtype cache : {kernels::KvDtype::kF16, kernels::KvDtype::kF32}) {
+  for (kernels::KvDtype cache :
+       {kernels::KvDtype::kF16, kernels::KvDtype::kF32, kernels::KvDtype::kI8}) {
     shape.dtype = cache;
     const int32_t n_blocks = (n_tokens + shape.block_size - 1) / shape.block_size;
     auto src_pool = kv::BlockPool::Create(shape, n_blocks);
@@ -181,8 +182,21 @@ int BenchCodecMain(int argc, char** argv) {
       const int64_t n = shape.elements_per_block() * n_blocks;  // the whole pool, every layer
       if (cache == kernels::KvDtype::kF32) {
         for (int64_t i = 0; i < n; ++i) static_cast<float*>(l.base)[i] = normal(rng);
-      } else {
+      } else if (cache == kernels::KvDtype::kF16) {
         for (int64_t i = 0; i < n; ++i) static_cast<uint16_t*>(l.base)[i] = F32ToF16Sat(normal(rng));
+      } else {  // int8: through the layout, which quantizes each row with its own scale
+        std::vector<float> row(shape.head_dim);
+        for (int32_t layer = 0; layer < shape.n_layers; ++layer) {
+          const auto ll = (*src_pool)->Layout(layer);
+          for (int32_t b = 0; b < n_blocks; ++b)
+            for (int32_t h = 0; h < shape.n_kv_heads; ++h)
+              for (int32_t slot = 0; slot < shape.block_size; ++slot) {
+                for (auto& x : row) x = normal(rng);
+                ll.StoreK(b, h, slot, row.data());
+                for (auto& x : row) x = normal(rng);
+                ll.StoreV(b, h, slot, row.data());
+              }
+        }
       }
     }
     src.set_n_tokens(n_tokens);

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "duet/tensor/dtype.h"
@@ -13,11 +14,71 @@
 
 namespace duet::kernels {
 
-// ---- PagedKvLayout: one position's K or V in either element type ----
+// ---- PagedKvLayout: one position's K or V in any element type ----
+
+namespace {
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// max |x| over n (a multiple of 16) floats, NaN if any is NaN.
+__attribute__((target("avx512f"))) float AbsMax16(const float* x, int32_t n) {
+  __m512 m = _mm512_setzero_ps();
+  __mmask16 nan = 0;
+  for (int32_t i = 0; i < n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    m = _mm512_max_ps(m, _mm512_abs_ps(v));
+  }
+  return nan != 0 ? std::nanf("") : _mm512_reduce_max_ps(m);
+}
+// q[i] = x[i] * inv rounded to nearest even (the default rounding mode), clamped to +-127.
+__attribute__((target("avx512f"))) void Quantize16(const float* x, int32_t n, float inv,
+                                                   int8_t* q) {
+  const __m512 vi = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+  for (int32_t i = 0; i < n; i += 16) {
+    const __m512 r = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), vi), lo), hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r)));
+  }
+}
+#pragma GCC diagnostic pop
+
+// int8: scale = max|x| / 127 (0 for an all-zero vector), q = x / scale rounded to nearest even.
+// A vector holding inf or NaN gets a non-finite scale and reads back as NaN.
+float QuantizeI8(const float* x, int32_t n, int64_t stride, int8_t* q) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512 && n % 16 == 0 && n <= 512) {
+    const float amax = AbsMax16(x, n);
+    const float scale = amax / 127.f;
+    const float inv = scale > 0.f && std::isfinite(scale) ? 1.f / scale : 0.f;
+    int8_t tmp[512];
+    Quantize16(x, n, inv, stride == 1 ? q : tmp);
+    if (stride != 1)
+      for (int32_t i = 0; i < n; ++i) q[static_cast<int64_t>(i) * stride] = tmp[i];
+    return scale;
+  }
+  float amax = 0.f;
+  for (int32_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  for (int32_t i = 0; i < n && !std::isnan(amax); ++i)
+    if (std::isnan(x[i])) amax = x[i];
+  const float scale = amax / 127.f;
+  const float inv = scale > 0.f && std::isfinite(scale) ? 1.f / scale : 0.f;
+  for (int32_t i = 0; i < n; ++i) {
+    const float r = std::nearbyint(x[i] * inv);
+    q[static_cast<int64_t>(i) * stride] =
+        static_cast<int8_t>(std::isnan(r) ? 0.f : std::clamp(r, -127.f, 127.f));
+  }
+  return scale;
+}
+
+}  // namespace
 
 void PagedKvLayout::StoreK(int32_t block, int32_t kv_head, int32_t slot, const float* k) const {
   const int64_t o = k_offset(block, kv_head) + slot;
-  if (dtype == KvDtype::kF32) {
+  if (dtype == KvDtype::kI8) {
+    KScales(block, kv_head)[slot] =
+        QuantizeI8(k, head_dim, block_size, static_cast<int8_t*>(base) + o);
+  } else if (dtype == KvDtype::kF32) {
     float* kt = static_cast<float*>(base) + o;
     for (int32_t t = 0; t < head_dim; ++t) kt[static_cast<int64_t>(t) * block_size] = k[t];
   } else {
@@ -29,7 +90,12 @@ void PagedKvLayout::StoreK(int32_t block, int32_t kv_head, int32_t slot, const f
 
 void PagedKvLayout::LoadK(int32_t block, int32_t kv_head, int32_t slot, float* k) const {
   const int64_t o = k_offset(block, kv_head) + slot;
-  if (dtype == KvDtype::kF32) {
+  if (dtype == KvDtype::kI8) {
+    const int8_t* kt = static_cast<const int8_t*>(base) + o;
+    const float scale = KScales(block, kv_head)[slot];
+    for (int32_t t = 0; t < head_dim; ++t)
+      k[t] = static_cast<float>(kt[static_cast<int64_t>(t) * block_size]) * scale;
+  } else if (dtype == KvDtype::kF32) {
     const float* kt = static_cast<const float*>(base) + o;
     for (int32_t t = 0; t < head_dim; ++t) k[t] = kt[static_cast<int64_t>(t) * block_size];
   } else {
@@ -39,7 +105,9 @@ void PagedKvLayout::LoadK(int32_t block, int32_t kv_head, int32_t slot, float* k
 }
 
 void PagedKvLayout::StoreV(int32_t block, int32_t kv_head, int32_t slot, const float* v) const {
-  if (dtype == KvDtype::kF32) {
+  if (dtype == KvDtype::kI8) {
+    VScales(block, kv_head)[slot] = QuantizeI8(v, head_dim, 1, V<int8_t>(block, kv_head, slot));
+  } else if (dtype == KvDtype::kF32) {
     std::memcpy(V<float>(block, kv_head, slot), v, head_dim * sizeof(float));
   } else {
     ConvertF32ToF16Sat(v, V<uint16_t>(block, kv_head, slot), head_dim);
@@ -47,7 +115,11 @@ void PagedKvLayout::StoreV(int32_t block, int32_t kv_head, int32_t slot, const f
 }
 
 void PagedKvLayout::LoadV(int32_t block, int32_t kv_head, int32_t slot, float* v) const {
-  if (dtype == KvDtype::kF32) {
+  if (dtype == KvDtype::kI8) {
+    const int8_t* q = V<int8_t>(block, kv_head, slot);
+    const float scale = VScales(block, kv_head)[slot];
+    for (int32_t t = 0; t < head_dim; ++t) v[t] = static_cast<float>(q[t]) * scale;
+  } else if (dtype == KvDtype::kF32) {
     std::memcpy(v, V<float>(block, kv_head, slot), head_dim * sizeof(float));
   } else {
     ConvertF16ToF32(V<uint16_t>(block, kv_head, slot), v, head_dim);
@@ -80,6 +152,7 @@ bool HasAvx512() {
 
 inline float ToF32(float x) { return x; }
 inline float ToF32(uint16_t x) { return F16ToF32(x); }
+inline float ToF32(int8_t x) { return static_cast<float>(x); }  // times its scale, by the caller
 
 // GCC 12 reports the deliberately undefined vectors inside its own AVX-512 intrinsics
 // (_mm512_undefined_ps, used by set1/reduce) as "used uninitialized" once they are inlined into
@@ -94,6 +167,9 @@ __attribute__((target("avx512f"))) inline __m512 Load16(const float* p) {
 }
 __attribute__((target("avx512f"))) inline __m512 Load16(const uint16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+__attribute__((target("avx512f"))) inline __m512 Load16(const int8_t* p) {  // unscaled
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
 // Scores of NQ queries (q: [NQ][d], already scaled) against one block of 16 slots (kt: K
@@ -303,6 +379,11 @@ void RunItem(const WorkItem& it, const float* q, int64_t q_stride, const PagedKv
             }
           }
         }
+        if constexpr (std::is_same_v<T, int8_t>) {  // each slot's K scale
+          const float* ks = kv.KScales(block, g);
+          for (int32_t i = 0; i < nq1; ++i)
+            for (int32_t j = 0; j < bs; ++j) s[i * ld + j] *= ks[j];
+        }
       }
     }
     // (2) Softmax over the chunk, per query (causal: slots past the query's position are out).
@@ -329,6 +410,13 @@ void RunItem(const WorkItem& it, const float* q, int64_t q_stride, const PagedKv
         }
         const T* vb = base + kv.v_offset(block, g, 0);
         const int32_t qi0 = (g - it.kv_head0) * nq1;
+        if constexpr (std::is_same_v<T, int8_t>) {  // fold each slot's V scale into its weight
+          const float* vs = kv.VScales(block, g);
+          for (int32_t i = 0; i < nq1; ++i) {
+            float* pr = sc.s.data() + (qi0 + i) * ld + (b - c0) * bs;
+            for (int32_t j = 0; j < bs; ++j) pr[j] *= vs[j];
+          }
+        }
         for (int32_t i = 0; i < nq1;) {
           const int32_t qi = qi0 + i;
           const int32_t n = std::min(bs, sc.pos[qi] - b * bs + 1);
@@ -422,6 +510,8 @@ __attribute__((target("avx512f"))) void DecodeRange(const PagedKvLayout& kv,
         const int32_t h = g * G + i;
         __m512 sv = a[i][0];
         for (int c = 1; c < C; ++c) sv = _mm512_add_ps(sv, a[i][c]);
+        if constexpr (std::is_same_v<T, int8_t>)  // each slot's K scale
+          sv = _mm512_mul_ps(sv, _mm512_loadu_ps(kv.KScales(block, g)));
         sv = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, sv);
         // A new maximum rescales what has been summed so far (rare after the first blocks).
         if (_mm512_cmp_ps_mask(sv, _mm512_set1_ps(m[h]), _CMP_GT_OQ) != 0) {
@@ -439,7 +529,11 @@ __attribute__((target("avx512f"))) void DecodeRange(const PagedKvLayout& kv,
         const __m512 pv =
             _mm512_maskz_mov_ps(valid, FastExp16(_mm512_sub_ps(sv, _mm512_set1_ps(m[h]))));
         l[h] += _mm512_reduce_add_ps(pv);
-        _mm512_storeu_ps(p + h * 16, pv);
+        if constexpr (std::is_same_v<T, int8_t>) {  // V's weights carry each slot's V scale
+          _mm512_storeu_ps(p + h * 16, _mm512_mul_ps(pv, _mm512_loadu_ps(kv.VScales(block, g))));
+        } else {
+          _mm512_storeu_ps(p + h * 16, pv);
+        }
       }
     }
     // Probabilities times V: the block's V in memory order, slot rows of d elements.
@@ -528,11 +622,12 @@ void DecodeAttention(const float* q, int64_t q_stride, const PagedKvLayout& kv,
       std::fill(m.begin(), m.end(), -INFINITY);
       std::fill(l.begin(), l.end(), 0.f);
       std::fill(acc.begin(), acc.end(), 0.f);
-      const auto run = group == 1
-                           ? (kv.dtype == KvDtype::kF32 ? DecodeRange<float, 1>
-                                                        : DecodeRange<uint16_t, 1>)
-                           : (kv.dtype == KvDtype::kF32 ? DecodeRange<float, 2>
-                                                        : DecodeRange<uint16_t, 2>);
+      using Fn = void (*)(const PagedKvLayout&, const AttentionSeq&, int32_t, int32_t,
+                          const float*, float*, float*, float*, float*);
+      constexpr Fn kRanges[3][2] = {{DecodeRange<float, 1>, DecodeRange<float, 2>},
+                                    {DecodeRange<uint16_t, 1>, DecodeRange<uint16_t, 2>},
+                                    {DecodeRange<int8_t, 1>, DecodeRange<int8_t, 2>}};
+      const Fn run = kRanges[static_cast<int>(kv.dtype)][group - 1];
       run(kv, seq, it.b0, it.b1, qs.data(), m.data(), l.data(), acc.data(), p.data());
       if (it.part < 0) {
         float* o = out + seq.row_begin * out_stride;
@@ -639,9 +734,12 @@ void PagedAttention(const float* q, int64_t q_stride, const PagedKvLayout& kv,
       const WorkItem& it = work[w];
       if (kv.dtype == KvDtype::kF32) {
         RunItem<float>(it, q, q_stride, kv, seqs[it.seq], group, scale, wide, sc, out, out_stride);
-      } else {
+      } else if (kv.dtype == KvDtype::kF16) {
         RunItem<uint16_t>(it, q, q_stride, kv, seqs[it.seq], group, scale, wide, sc, out,
                           out_stride);
+      } else {
+        RunItem<int8_t>(it, q, q_stride, kv, seqs[it.seq], group, scale, wide, sc, out,
+                        out_stride);
       }
     }
   }

@@ -204,6 +204,25 @@ void Pack(const kernels::PagedKvLayout& l, const int32_t* blocks, int32_t t0, in
           KvPart part, WireType type, uint8_t* wire, float* scales) {
   const int32_t n = t1 - t0, d = l.head_dim, bs = l.block_size;
   const size_t row_bytes = static_cast<size_t>(d) * WireElemSize(type);
+  if (l.dtype == kernels::KvDtype::kI8) {
+    // An int8 cache, position by position through the layout: each row is dequantized with its
+    // scale and encoded. To an int8 wire that gives back the same values and scale (the row's
+    // largest element is +-127 x scale), so int8 -> int8 is exact.
+    std::vector<float> row(d);
+    for (int32_t h = 0; h < l.n_kv_heads; ++h) {
+      for (int32_t t = t0; t < t1; ++t) {
+        const int64_t r = static_cast<int64_t>(h) * n + (t - t0);
+        if (part == KvPart::kK) {
+          l.LoadK(blocks[t / bs], h, t % bs, row.data());
+        } else {
+          l.LoadV(blocks[t / bs], h, t % bs, row.data());
+        }
+        EncodeRows(row.data(), 1, d, type, wire + r * row_bytes,
+                   type == WireType::kInt8 ? scales + r : nullptr);
+      }
+    }
+    return;
+  }
   const bool f16_cache = l.dtype == kernels::KvDtype::kF16;
   // One block's rows as f32 [slot][head_dim] before conversion, and (f16 cache, K) the block's
   // K widened as [head_dim][slot].
@@ -252,6 +271,22 @@ void Unpack(const kernels::PagedKvLayout& l, const int32_t* blocks, int32_t t0, 
             KvPart part, WireType type, const uint8_t* wire, const float* scales) {
   const int32_t n = t1 - t0, d = l.head_dim, bs = l.block_size;
   const size_t row_bytes = static_cast<size_t>(d) * WireElemSize(type);
+  if (l.dtype == kernels::KvDtype::kI8) {  // decoded row by row, quantized by the layout
+    std::vector<float> row(d);
+    for (int32_t h = 0; h < l.n_kv_heads; ++h) {
+      for (int32_t t = t0; t < t1; ++t) {
+        const int64_t r = static_cast<int64_t>(h) * n + (t - t0);
+        DecodeRows(wire + r * row_bytes, 1, d, type,
+                   type == WireType::kInt8 ? scales + r : nullptr, row.data());
+        if (part == KvPart::kK) {
+          l.StoreK(blocks[t / bs], h, t % bs, row.data());
+        } else {
+          l.StoreV(blocks[t / bs], h, t % bs, row.data());
+        }
+      }
+    }
+    return;
+  }
   const bool f16_cache = l.dtype == kernels::KvDtype::kF16;
   std::vector<float> tmp, tmp_t;
   if ((part == KvPart::kK && type != WireType::kF32) || f16_cache) {

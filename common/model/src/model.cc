@@ -309,12 +309,18 @@ absl::Status Model::Init(const fs::path& dir) {
 absl::StatusOr<kernels::KvDtype> ParseKvCacheDtype(std::string_view name) {
   if (name == "f32") return kernels::KvDtype::kF32;
   if (name == "f16") return kernels::KvDtype::kF16;
-  return absl::InvalidArgumentError(
-      absl::StrCat("K/V cache dtype must be f32 or f16, got \"", std::string(name), "\""));
+  if (name == "int8") return kernels::KvDtype::kI8;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "K/V cache dtype must be f32, f16 or int8, got \"", std::string(name), "\""));
 }
 
 const char* KvCacheDtypeName(kernels::KvDtype dtype) {
-  return dtype == kernels::KvDtype::kF32 ? "f32" : "f16";
+  switch (dtype) {
+    case kernels::KvDtype::kF32: return "f32";
+    case kernels::KvDtype::kF16: return "f16";
+    case kernels::KvDtype::kI8: return "int8";
+  }
+  return "?";
 }
 
 kv::KvShape Model::kv_shape(int32_t block_size) const {

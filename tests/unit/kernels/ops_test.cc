@@ -156,23 +156,21 @@ double WorstVsDense(k::KvDtype dtype, int32_t d, int32_t n_heads, int32_t n_kv,
   for (auto& t : tables)
     for (auto& b : t) b = perm[b];
   const int64_t elems = static_cast<int64_t>(n_blocks) * 2 * n_kv * bs * d;
-  std::vector<float> pool(elems);  // f32 storage is large enough for either dtype
+  std::vector<float> pool(elems);  // f32 storage is large enough for every dtype
   k::PagedKvLayout kv;
   kv.base = pool.data();
   kv.dtype = dtype;
-  kv.block_stride = 2 * int64_t{n_kv} * bs * d;
+  kv.block_stride = k::KvLayerBlockElements(dtype, n_kv, bs, d);
   kv.layer_offset = 0;
   kv.block_size = bs;
   kv.n_kv_heads = n_kv;
   kv.head_dim = d;
-  // What the cache holds, as f32.
-  auto held = [&](float x) {
-    return dtype == k::KvDtype::kF32 ? x : duet::F16ToF32(duet::F32ToF16Sat(x));
-  };
-  std::vector<std::vector<float>> K(n_seqs), V(n_seqs);  // [pos][kv_head][d]
+  std::vector<std::vector<float>> K(n_seqs), V(n_seqs);  // [pos][kv_head][d], as the cache holds
   std::vector<float> Q;                                   // [row][head][d]
   std::vector<k::AttentionSeq> seqs;
   int32_t row = 0;
+  double worst_held = 0;  // int8: |held - stored| / (max |row| / 254), at most 1
+  int64_t not_held = 0;   // f32, f16: elements that read back other than stored (rounded)
   for (int s = 0; s < n_seqs; ++s) {
     const int32_t T = spec[s].past + spec[s].n_new;
     K[s].resize(static_cast<size_t>(T) * n_kv * d);
@@ -182,26 +180,39 @@ double WorstVsDense(k::KvDtype dtype, int32_t d, int32_t n_heads, int32_t n_kv,
       K[s][i] = std::sin(0.37f * i + s) * (1.f + 2.f * static_cast<float>(i) / K[s].size());
       V[s][i] = std::cos(0.53f * i - s);
     }
+    std::vector<float> back(d);
     for (int32_t p = 0; p < T; ++p)
       for (int32_t h = 0; h < n_kv; ++h) {
         const int32_t block = tables[s][p / bs], slot = p % bs;
-        kv.StoreK(block, h, slot, &K[s][(static_cast<size_t>(p) * n_kv + h) * d]);
-        kv.StoreV(block, h, slot, &V[s][(static_cast<size_t>(p) * n_kv + h) * d]);
+        float* kr = &K[s][(static_cast<size_t>(p) * n_kv + h) * d];
+        float* vr = &V[s][(static_cast<size_t>(p) * n_kv + h) * d];
+        kv.StoreK(block, h, slot, kr);
+        kv.StoreV(block, h, slot, vr);
+        // Read back what the cache holds: f32 exactly, f16 rounded, int8 within half a step.
+        for (auto [x, load] : {std::pair{kr, &k::PagedKvLayout::LoadK},
+                               std::pair{vr, &k::PagedKvLayout::LoadV}}) {
+          (kv.*load)(block, h, slot, back.data());
+          float amax = 0;
+          for (int32_t t = 0; t < d; ++t) amax = std::max(amax, std::fabs(x[t]));
+          for (int32_t t = 0; t < d; ++t) {
+            if (dtype == k::KvDtype::kI8) {
+              worst_held = std::max(worst_held, std::fabs(back[t] - x[t]) / (amax / 254.0));
+            } else {
+              const float held =
+                  dtype == k::KvDtype::kF32 ? x[t] : duet::F16ToF32(duet::F32ToF16Sat(x[t]));
+              not_held += back[t] != held;
+            }
+            x[t] = back[t];
+          }
+        }
       }
-    for (auto& x : K[s]) x = held(x);
-    for (auto& x : V[s]) x = held(x);
     for (int32_t j = 0; j < spec[s].n_new * n_heads * d; ++j)
       Q.push_back(std::sin(0.71f * static_cast<float>(Q.size()) + 0.2f));
     seqs.push_back({tables[s].data(), spec[s].past, spec[s].n_new, row});
     row += spec[s].n_new;
   }
-  // Store then load gives back what the cache holds.
-  std::vector<float> back(d);
-  const int32_t last = spec[0].past + spec[0].n_new - 1;
-  kv.LoadK(tables[0][last / bs], 0, last % bs, back.data());
-  CHECK(back[1] == K[0][(static_cast<size_t>(last) * n_kv) * d + 1]);
-  kv.LoadV(tables[0][last / bs], 0, last % bs, back.data());
-  CHECK(back[2] == V[0][(static_cast<size_t>(last) * n_kv) * d + 2]);
+  CHECK(worst_held <= 1.0 + 1e-3);
+  CHECK(not_held == 0);
   const float scale = 1.f / std::sqrt(static_cast<float>(d));
   const int64_t stride = int64_t{n_heads} * d;
   std::vector<float> out(static_cast<size_t>(row) * stride, -1.f);
@@ -235,7 +246,9 @@ double WorstVsDense(k::KvDtype dtype, int32_t d, int32_t n_heads, int32_t n_kv,
   return worst;
 }
 
-const char* Name(k::KvDtype t) { return t == k::KvDtype::kF32 ? "f32" : "f16"; }
+const char* Name(k::KvDtype t) {
+  return t == k::KvDtype::kF32 ? "f32" : t == k::KvDtype::kF16 ? "f16" : "int8";
+}
 
 }  // namespace
 
@@ -244,7 +257,7 @@ TEST_CASE("PagedAttention at real shapes equals dense causal attention", "[atten
   // sequence 2 has 16 past and prefills 9; sequence 3 has 530 past (past attention's
   // 256-position chunks) and prefills 3.
   const std::vector<SeqSpec> spec = {{0, 37}, {50, 1}, {16, 9}, {530, 3}};
-  for (const auto dtype : {k::KvDtype::kF32, k::KvDtype::kF16}) {
+  for (const auto dtype : {k::KvDtype::kF32, k::KvDtype::kF16, k::KvDtype::kI8}) {
     for (const auto& [d, n_heads, n_kv] : {std::tuple{64, 12, 12}, std::tuple{64, 8, 2},
                                            std::tuple{128, 4, 1}, std::tuple{32, 2, 2}}) {
       INFO("cache " << Name(dtype) << ", head_dim " << d << ", " << n_heads << " heads, " << n_kv
@@ -263,7 +276,7 @@ TEST_CASE("PagedAttention of a decode step equals dense causal attention", "[att
       {{15, 1}, {16, 1}, {4, 1}, {31, 1}, {700, 1}, {63, 1}},  // block edges, mixed lengths
       {{300, 1}, {129, 1}},
   };
-  for (const auto dtype : {k::KvDtype::kF32, k::KvDtype::kF16}) {
+  for (const auto dtype : {k::KvDtype::kF32, k::KvDtype::kF16, k::KvDtype::kI8}) {
     for (const auto& [d, n_heads, n_kv] :
          {std::tuple{64, 12, 12}, std::tuple{32, 4, 2}, std::tuple{128, 4, 4},
           std::tuple{80, 6, 3}, std::tuple{64, 8, 2}}) {
@@ -304,4 +317,39 @@ TEST_CASE("The f16 K/V cache rounds, saturates and keeps NaN", "[attention]") {
   kv.StoreV(0, 0, 0, thirds);
   kv.LoadV(0, 0, 0, out);
   CHECK(std::fabs(out[0] - third) <= third * std::ldexp(1.0, -11));
+}
+
+// The int8 cache: one scale per position and kv head (max |x| / 127), for K (stored transposed)
+// and V alike; an all-zero vector reads back as zeros, the largest element exactly.
+TEST_CASE("The int8 K/V cache quantizes each vector with its own scale", "[attention]") {
+  const int32_t d = 32, bs = 16, n_kv = 2;
+  std::vector<float> pool(k::KvLayerBlockElements(k::KvDtype::kI8, n_kv, bs, d));  // >= needed
+  k::PagedKvLayout kv;
+  kv.base = pool.data();
+  kv.dtype = k::KvDtype::kI8;
+  kv.block_stride = k::KvLayerBlockElements(k::KvDtype::kI8, n_kv, bs, d);
+  kv.block_size = bs;
+  kv.n_kv_heads = n_kv;
+  kv.head_dim = d;
+  std::vector<float> x(d), zeros(d, 0.f), out(d);
+  for (int32_t t = 0; t < d; ++t) x[t] = 0.01f * (t - 11) * (t % 3 == 0 ? -1.f : 1.f);
+  x[5] = -3.5f;  // the largest magnitude
+  for (auto [store, load] :
+       {std::pair{&k::PagedKvLayout::StoreK, &k::PagedKvLayout::LoadK},
+        std::pair{&k::PagedKvLayout::StoreV, &k::PagedKvLayout::LoadV}}) {
+    (kv.*store)(0, 1, 9, x.data());
+    (kv.*store)(0, 0, 9, zeros.data());  // a neighbour in the same block: its own scale
+    (kv.*load)(0, 1, 9, out.data());
+    CHECK(out[5] == -3.5f);
+    for (int32_t t = 0; t < d; ++t) CHECK(std::fabs(out[t] - x[t]) <= 3.5f / 254 * 1.0001f);
+    (kv.*load)(0, 0, 9, out.data());
+    for (int32_t t = 0; t < d; ++t) CHECK(out[t] == 0.f);
+  }
+  CHECK(kv.KScales(0, 1)[9] == 3.5f / 127);
+  CHECK(kv.VScales(0, 1)[9] == 3.5f / 127);
+  CHECK(kv.KScales(0, 0)[9] == 0.f);
+  x[7] = std::nanf("");
+  kv.StoreV(0, 1, 2, x.data());
+  kv.LoadV(0, 1, 2, out.data());
+  CHECK(std::isnan(out[0]));  // not representable: the vector reads back as NaN
 }

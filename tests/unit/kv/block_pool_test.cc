@@ -104,6 +104,28 @@ TEST_CASE("layout addresses K and V of each layer without overlap", "[kv]") {
   REQUIRE(back[3] == 4.f);
 }
 
+TEST_CASE("an int8 pool keeps its scales after each layer's V, inside the block", "[kv]") {
+  KvShape shape{2, 3, 8, 4};  // 2 layers, 3 kv heads, head_dim 8, block size 4
+  shape.dtype = duet::kernels::KvDtype::kI8;
+  // Per layer and block: K and V (2 x 3 x 4 x 8 bytes) and their scales (2 x 3 x 4 floats).
+  CHECK(shape.bytes_per_block() == 2 * (192 + 96));
+  CHECK(shape.bytes_per_token() == 2 * (192 + 96) / 4);
+  auto pool = BlockPool::Create(shape, 3);
+  REQUIRE(pool.ok());
+  const auto l1 = (*pool)->Layout(1);
+  const auto* base = static_cast<const int8_t*>(l1.base);
+  // Layer 1, block 2: after layer 0's three blocks and layer 1's first two.
+  const int8_t* block = base + (3 + 2) * (192 + 96);
+  CHECK(l1.KT<int8_t>(2, 0) == block);
+  CHECK(reinterpret_cast<const int8_t*>(l1.KScales(2, 0)) == block + 192);
+  CHECK(l1.VScales(2, 2) + 4 == reinterpret_cast<const float*>(block + 192 + 96));  // block end
+  float v[8] = {0, 1, -2, 3, 4, -5, 6, 127}, back[8];
+  l1.StoreV(2, 2, 3, v);
+  CHECK(l1.VScales(2, 2)[3] == 1.f);
+  l1.LoadV(2, 2, 3, back);
+  for (int i = 0; i < 8; ++i) CHECK(back[i] == v[i]);  // integers up to 127: exact
+}
+
 TEST_CASE("a shared prefix is ref-counted and outlives its first owner", "[kv]") {
   auto pool = SmallPool(4);
   SequenceKv a(pool.get());

@@ -425,6 +425,74 @@ TEST_CASE("vector paths: head_dim 64, block size 16, odd ranges and special valu
   CheckClose(src->seq, dest->seq, duet::v1::KV_DTYPE_INT8);
 }
 
+// An int8 cache (--kv-cache-dtype int8) on either end. Its rows are (scale, int8) pairs like the
+// int8 wire's, so int8 -> int8 is exact through an f32 or int8 wire, as is int8 -> f32 through
+// an f32 wire; an int8 destination quantizes what arrives, within half a step of its row.
+TEST_CASE("int8 caches encode what they hold and decode into their own element type",
+          "[kv][codec]") {
+  const KvShape f32_shape{2, 3, 64, 16};
+  KvShape i8_shape = f32_shape;
+  i8_shape.dtype = duet::kernels::KvDtype::kI8;
+  const int32_t n_tokens = 45;
+  auto bf16 = [](float x) { return duet::Bf16ToF32(duet::F32ToBf16(x)); };
+  for (const bool src_i8 : {true, false}) {
+    for (const bool dest_i8 : {true, false}) {
+      if (!src_i8 && !dest_i8) continue;
+      auto src_pool = MakePool(src_i8 ? i8_shape : f32_shape, 10);
+      auto src = ScatteredSeq(src_pool.get(), n_tokens);
+      Fill(src->seq, n_tokens);
+      KvShape dest_shape = dest_i8 ? i8_shape : f32_shape;
+      dest_shape.block_size = 8;
+      auto dest_pool = MakePool(dest_shape, 20);
+      for (KvDtype dtype :
+           {duet::v1::KV_DTYPE_F32, duet::v1::KV_DTYPE_BF16, duet::v1::KV_DTYPE_INT8}) {
+        INFO("source " << (src_i8 ? "int8" : "f32") << ", destination "
+                       << (dest_i8 ? "int8" : "f32") << ", wire "
+                       << duet::v1::KvDtype_Name(dtype));
+        auto dest = ScatteredSeq(dest_pool.get(), n_tokens);
+        REQUIRE(Decode(Encode(src->seq, dtype, 2 * 3 * 64 * 4 * 13), &dest->seq, Expect(f32_shape))
+                    .ok());
+        int64_t bad = 0;
+        for (int32_t layer = 0; layer < 2; ++layer)
+          for (int32_t kv = 0; kv < 2; ++kv)
+            for (int32_t h = 0; h < 3; ++h)
+              for (int32_t t = 0; t < n_tokens; ++t) {
+                const float step = RowScale(src->seq, layer, kv, h, t);  // max |row| / 127
+                for (int32_t d = 0; d < 64; ++d) {
+                  const float x = Get(src->seq, layer, kv, h, t, d);  // what the source holds
+                  const float want = Value(layer, kv, h, t, d);
+                  if (src_i8) {
+                    bad += !(std::fabs(x - want) <= step * 0.5f * 1.0001f);
+                  } else {
+                    bad += x != want;
+                  }
+                  const float y = Get(dest->seq, layer, kv, h, t, d);
+                  bool ok;
+                  if (dtype == duet::v1::KV_DTYPE_BF16) {
+                    const float tol = std::fabs(x) * std::ldexp(1.0f, -8) +
+                                      (dest_i8 ? step * 0.5f * 1.01f : 0.0f);
+                    ok = dest_i8 ? std::fabs(y - x) <= tol : y == bf16(x);
+                  } else if (src_i8) {
+                    ok = y == x;  // (scale, int8) rows arrive as they left
+                  } else if (dtype == duet::v1::KV_DTYPE_F32) {
+                    ok = std::fabs(y - x) <= step * 0.5f * 1.0001f;  // quantized once, here
+                  } else {
+                    ok = std::fabs(y - x) <= step * 0.5f * 1.0001f;  // on the wire; int8 keeps it
+                  }
+                  if (!ok && bad < 5) {
+                    UNSCOPED_INFO("layer " << layer << " kv " << kv << " head " << h
+                                           << " token " << t << " dim " << d << ": " << x
+                                           << " -> " << y);
+                  }
+                  bad += !ok;
+                }
+              }
+        CHECK(bad == 0);
+      }
+    }
+  }
+}
+
 // An f16 cache (--kv-cache-dtype f16) on either end: the wire carries what the source cache
 // holds, and the destination cache rounds it to its own element type.
 TEST_CASE("f16 caches encode what they hold and decode into their own element type",

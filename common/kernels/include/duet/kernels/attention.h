@@ -11,15 +11,28 @@ namespace duet::kernels {
 // The element type of the K/V cache: f32 (exact; the f32 precision mode) or IEEE half (half the
 // memory and half the bytes attention reads per step; the bf16 precision mode, as llama.cpp's
 // default f16 cache: 11 significant bits to bf16's 8, so less error than a bf16 cache; values
-// beyond +-65504 saturate). Attention computes in f32 either way.
-enum class KvDtype { kF32, kF16 };
+// beyond +-65504 saturate), or int8 with one f32 scale per (position, kv head) for K and for V
+// (a quarter of f32's memory; as the wire's int8: scale = max|x| / 127, values rounded to
+// nearest even). Attention computes in f32 in every case.
+enum class KvDtype { kF32, kF16, kI8 };
 
-inline size_t KvDtypeSize(KvDtype t) { return t == KvDtype::kF32 ? 4 : 2; }
+inline size_t KvDtypeSize(KvDtype t) {
+  return t == KvDtype::kF32 ? 4 : t == KvDtype::kF16 ? 2 : 1;
+}
+
+// Elements of `t` that one layer of one block takes: K and V, and for int8 the K and V scales
+// after them (n_kv_heads x block_size f32 each, counted in int8 elements, i.e. bytes).
+inline int64_t KvLayerBlockElements(KvDtype t, int32_t n_kv_heads, int32_t block_size,
+                                    int32_t head_dim) {
+  const int64_t kv = 2 * int64_t{n_kv_heads} * block_size * head_dim;
+  return t == KvDtype::kI8 ? kv + 2 * int64_t{n_kv_heads} * block_size * 4 : kv;
+}
 
 // Where one layer's K and V live in a block pool: layer_offset + block * block_stride holds the
 // block's K then V for this layer, K as [n_kv_heads][head_dim][block_size] (transposed within the
 // block, so attention computes a block's scores as vectors over its slots) and V as
-// [n_kv_heads][block_size][head_dim]. Offsets and strides count elements of `dtype`.
+// [n_kv_heads][block_size][head_dim]. Offsets and strides count elements of `dtype`. An int8
+// cache keeps after V the K scales, then the V scales, each f32 [n_kv_heads][block_size].
 struct PagedKvLayout {
   void* base = nullptr;          // block 0
   KvDtype dtype = KvDtype::kF32;
@@ -39,7 +52,18 @@ struct PagedKvLayout {
   int64_t v_offset(int32_t block, int32_t kv_head, int32_t slot) const {
     return k_offset(block, kv_head) + v_offset() + static_cast<int64_t>(slot) * head_dim;
   }
-  // Typed views; T must match dtype (float for kF32, uint16_t half bits for kF16).
+  int64_t scale_offset() const { return 2 * v_offset(); }
+  // int8 only: the block_size scales of one kv head's K (or V) in a block, one per slot.
+  float* KScales(int32_t block, int32_t kv_head) const {
+    return reinterpret_cast<float*>(static_cast<int8_t*>(base) + block * block_stride +
+                                    layer_offset + scale_offset()) +
+           static_cast<int64_t>(kv_head) * block_size;
+  }
+  float* VScales(int32_t block, int32_t kv_head) const {
+    return KScales(block, kv_head) + static_cast<int64_t>(n_kv_heads) * block_size;
+  }
+  // Typed views; T must match dtype (float for kF32, uint16_t half bits for kF16, int8_t for
+  // kI8).
   template <typename T>
   T* KT(int32_t block, int32_t kv_head) const {
     return static_cast<T*>(base) + k_offset(block, kv_head);
@@ -53,8 +77,9 @@ struct PagedKvLayout {
   float* V(int32_t block, int32_t kv_head, int32_t slot) const {
     return V<float>(block, kv_head, slot);
   }
-  // Writes / reads one position's K or V vector (head_dim floats) in either dtype; an f16 cache
-  // rounds to nearest even (saturating) on the way in.
+  // Writes / reads one position's K or V vector (head_dim floats) in any dtype; an f16 cache
+  // rounds to nearest even (saturating) on the way in, an int8 cache quantizes the vector with
+  // its own scale.
   void StoreK(int32_t block, int32_t kv_head, int32_t slot, const float* k) const;
   void LoadK(int32_t block, int32_t kv_head, int32_t slot, float* k) const;
   void StoreV(int32_t block, int32_t kv_head, int32_t slot, const float* v) const;

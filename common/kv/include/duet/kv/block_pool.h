@@ -24,19 +24,18 @@ struct KvShape {
   int32_t n_kv_heads = 0;
   int32_t head_dim = 0;
   int32_t block_size = 16;  // tokens per block
-  // Element type of the cache: f32, or f16 (half the memory; what bf16 precision runs with).
+  // Element type of the cache: f32, f16 (half the memory) or int8 with per-position scales.
   kernels::KvDtype dtype = kernels::KvDtype::kF32;
 
+  // Elements of `dtype` per block, every layer (int8: including the scales; see PagedKvLayout).
   int64_t elements_per_block() const {
-    return static_cast<int64_t>(n_layers) * 2 * n_kv_heads * block_size * head_dim;
+    return static_cast<int64_t>(n_layers) *
+           kernels::KvLayerBlockElements(dtype, n_kv_heads, block_size, head_dim);
   }
   int64_t bytes_per_block() const {
     return elements_per_block() * static_cast<int64_t>(kernels::KvDtypeSize(dtype));
   }
-  int64_t bytes_per_token() const {
-    return static_cast<int64_t>(n_layers) * 2 * n_kv_heads * head_dim *
-           static_cast<int64_t>(kernels::KvDtypeSize(dtype));
-  }
+  int64_t bytes_per_token() const { return bytes_per_block() / block_size; }
 };
 
 // Thread-safe.

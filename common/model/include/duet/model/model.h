@@ -27,11 +27,12 @@ struct ModelOptions {
   kernels::Precision precision = kernels::Precision::kBF16;
   // Element type of the K/V cache (kv_shape().dtype). f32 keeps f32 mode exact and bf16 mode as
   // close to an f32 reference as it can be; f16 halves the cache (twice the sessions per MiB)
-  // and the bytes attention reads per decode step, at about 2^-12 relative error per element.
+  // and the bytes attention reads per decode step, at about 2^-12 relative error per element;
+  // int8 quarters it (one f32 scale per position and kv head, error up to max|x|/254 per element).
   kernels::KvDtype kv_cache_dtype = kernels::KvDtype::kF32;
 };
 
-// "f32" / "f16" <-> KvDtype; INVALID_ARGUMENT names any other value.
+// "f32" / "f16" / "int8" <-> KvDtype; INVALID_ARGUMENT names any other value.
 absl::StatusOr<kernels::KvDtype> ParseKvCacheDtype(std::string_view name);
 const char* KvCacheDtypeName(kernels::KvDtype dtype);
 
