@@ -37,6 +37,7 @@ struct Result {
   double encode_gb_s = 0;
   double decode_gb_s = 0;
   int64_t wire_bytes_per_token = 0;
+  int64_t cache_bytes_per_token = 0;  // what GB/s counts
   size_t chunks = 0;
   size_t max_chunk_bytes = 0;  // serialized KvChunk
   double max_abs_error = 0;
@@ -76,6 +77,7 @@ absl::StatusOr<Result> BenchDtype(const kv::SequenceKv& src, kv::SequenceKv* des
   r.cache = model::KvCacheDtypeName(shape.dtype);
   r.dtype = dtype == v1::KV_DTYPE_F32 ? "f32" : dtype == v1::KV_DTYPE_BF16 ? "bf16" : "int8";
   r.wire_bytes_per_token = kv::WireBytesPerToken(shape, dtype);
+  r.cache_bytes_per_token = shape.bytes_per_token();
 
   std::vector<int32_t> token_ids(n_tokens, 0);
   const v1::KvHeader header = kv::MakeKvHeader(kFingerprint, shape, dtype, token_ids);
@@ -231,6 +233,7 @@ int BenchCodecMain(int argc, char** argv) {
                                 {"encode_gb_s", r.encode_gb_s},
                                 {"decode_gb_s", r.decode_gb_s},
                                 {"wire_bytes_per_token", r.wire_bytes_per_token},
+                                {"cache_bytes_per_token", r.cache_bytes_per_token},
                                 {"chunks", r.chunks},
                                 {"max_chunk_bytes", r.max_chunk_bytes},
                                 {"max_abs_error", r.max_abs_error}});

@@ -45,7 +45,7 @@ __attribute__((target("avx512f"))) void Quantize16(const float* x, int32_t n, fl
 
 // int8: scale = max|x| / 127 (0 for an all-zero vector), q = x / scale rounded to nearest even.
 // A vector holding inf or NaN gets a non-finite scale and reads back as NaN.
-float QuantizeI8(const float* x, int32_t n, int64_t stride, int8_t* q) {
+float QuantizeI8Impl(const float* x, int32_t n, int64_t stride, int8_t* q) {
   static const bool avx512 = __builtin_cpu_supports("avx512f");
   if (avx512 && n % 16 == 0 && n <= 512) {
     const float amax = AbsMax16(x, n);
@@ -73,11 +73,15 @@ float QuantizeI8(const float* x, int32_t n, int64_t stride, int8_t* q) {
 
 }  // namespace
 
+float QuantizeKvI8(const float* x, int32_t n, int64_t stride, int8_t* q) {
+  return QuantizeI8Impl(x, n, stride, q);
+}
+
 void PagedKvLayout::StoreK(int32_t block, int32_t kv_head, int32_t slot, const float* k) const {
   const int64_t o = k_offset(block, kv_head) + slot;
   if (dtype == KvDtype::kI8) {
     KScales(block, kv_head)[slot] =
-        QuantizeI8(k, head_dim, block_size, static_cast<int8_t*>(base) + o);
+        QuantizeKvI8(k, head_dim, block_size, static_cast<int8_t*>(base) + o);
   } else if (dtype == KvDtype::kF32) {
     float* kt = static_cast<float*>(base) + o;
     for (int32_t t = 0; t < head_dim; ++t) kt[static_cast<int64_t>(t) * block_size] = k[t];
@@ -106,7 +110,7 @@ void PagedKvLayout::LoadK(int32_t block, int32_t kv_head, int32_t slot, float* k
 
 void PagedKvLayout::StoreV(int32_t block, int32_t kv_head, int32_t slot, const float* v) const {
   if (dtype == KvDtype::kI8) {
-    VScales(block, kv_head)[slot] = QuantizeI8(v, head_dim, 1, V<int8_t>(block, kv_head, slot));
+    VScales(block, kv_head)[slot] = QuantizeKvI8(v, head_dim, 1, V<int8_t>(block, kv_head, slot));
   } else if (dtype == KvDtype::kF32) {
     std::memcpy(V<float>(block, kv_head, slot), v, head_dim * sizeof(float));
   } else {

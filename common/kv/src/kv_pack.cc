@@ -200,27 +200,101 @@ void DequantizeInt8Row(const uint8_t* q, float scale, float* x, size_t n) {
   for (; i < n; ++i) x[i] = static_cast<float>(static_cast<int8_t>(q[i])) * scale;
 }
 
+namespace {
+
+// An int8 cache holds rows of (scale, int8 values), K transposed within a block. To and from an
+// int8 wire the rows are copied as they are (K transposed on the way), so int8 -> int8 is exact;
+// other wires go through f32, and the cache quantizes what arrives as a local write would.
+void PackI8(const kernels::PagedKvLayout& l, const int32_t* blocks, int32_t t0, int32_t t1,
+            KvPart part, WireType type, uint8_t* wire, float* scales) {
+  const int32_t n = t1 - t0, d = l.head_dim, bs = l.block_size;
+  const size_t row_bytes = static_cast<size_t>(d) * WireElemSize(type);
+  const int32_t cap = std::min(bs, n);
+  std::vector<float> tmp(static_cast<size_t>(cap) * d), tmp_t(tmp.size());
+  for (int32_t h = 0; h < l.n_kv_heads; ++h) {
+    for (int32_t t = t0; t < t1;) {
+      const int32_t b = blocks[t / bs], s0 = t % bs, m = std::min(bs - s0, t1 - t);
+      const int64_t row = static_cast<int64_t>(h) * n + (t - t0);
+      uint8_t* out = wire + row * row_bytes;
+      const bool k = part == KvPart::kK;
+      const float* sc = (k ? l.KScales(b, h) : l.VScales(b, h)) + s0;
+      if (type == WireType::kInt8) {
+        std::memcpy(scales + row, sc, static_cast<size_t>(m) * sizeof(float));
+        if (k) {
+          const int8_t* kt = l.KT<int8_t>(b, h) + s0;  // [head_dim][block_size]
+          for (int32_t j = 0; j < m; ++j)
+            for (int32_t i = 0; i < d; ++i)
+              out[static_cast<int64_t>(j) * d + i] =
+                  static_cast<uint8_t>(kt[static_cast<int64_t>(i) * bs + j]);
+        } else {
+          std::memcpy(out, l.V<int8_t>(b, h, s0), static_cast<size_t>(m) * d);
+        }
+      } else {
+        if (k) {
+          const int8_t* kt = l.KT<int8_t>(b, h) + s0;
+          for (int32_t i = 0; i < d; ++i) {
+            float* dst = tmp_t.data() + static_cast<int64_t>(i) * m;
+            const int8_t* src = kt + static_cast<int64_t>(i) * bs;
+            for (int32_t j = 0; j < m; ++j) dst[j] = static_cast<float>(src[j]) * sc[j];
+          }
+          Transpose(tmp_t.data(), m, tmp.data(), d, d, m);
+        } else {
+          const auto* q = reinterpret_cast<const uint8_t*>(l.V<int8_t>(b, h, s0));
+          for (int32_t j = 0; j < m; ++j)
+            DequantizeInt8Row(q + static_cast<int64_t>(j) * d, sc[j],
+                              tmp.data() + static_cast<int64_t>(j) * d, d);
+        }
+        EncodeRows(tmp.data(), m, d, type, out, nullptr);
+      }
+      t += m;
+    }
+  }
+}
+
+void UnpackI8(const kernels::PagedKvLayout& l, const int32_t* blocks, int32_t t0, int32_t t1,
+              KvPart part, WireType type, const uint8_t* wire, const float* scales) {
+  const int32_t n = t1 - t0, d = l.head_dim, bs = l.block_size;
+  const size_t row_bytes = static_cast<size_t>(d) * WireElemSize(type);
+  std::vector<float> tmp(static_cast<size_t>(std::min(bs, n)) * d);
+  for (int32_t h = 0; h < l.n_kv_heads; ++h) {
+    for (int32_t t = t0; t < t1;) {
+      const int32_t b = blocks[t / bs], s0 = t % bs, m = std::min(bs - s0, t1 - t);
+      const int64_t row = static_cast<int64_t>(h) * n + (t - t0);
+      const uint8_t* in = wire + row * row_bytes;
+      const bool k = part == KvPart::kK;
+      float* sc = (k ? l.KScales(b, h) : l.VScales(b, h)) + s0;
+      if (type == WireType::kInt8) {
+        std::memcpy(sc, scales + row, static_cast<size_t>(m) * sizeof(float));
+        if (k) {
+          int8_t* kt = l.KT<int8_t>(b, h) + s0;
+          for (int32_t i = 0; i < d; ++i)
+            for (int32_t j = 0; j < m; ++j)
+              kt[static_cast<int64_t>(i) * bs + j] =
+                  static_cast<int8_t>(in[static_cast<int64_t>(j) * d + i]);
+        } else {
+          std::memcpy(l.V<int8_t>(b, h, s0), in, static_cast<size_t>(m) * d);
+        }
+      } else {
+        DecodeRows(in, m, d, type, nullptr, tmp.data());
+        for (int32_t j = 0; j < m; ++j) {
+          const float* x = tmp.data() + static_cast<int64_t>(j) * d;
+          sc[j] = k ? kernels::QuantizeKvI8(x, d, bs, l.KT<int8_t>(b, h) + s0 + j)
+                    : kernels::QuantizeKvI8(x, d, 1, l.V<int8_t>(b, h, s0 + j));
+        }
+      }
+      t += m;
+    }
+  }
+}
+
+}  // namespace
+
 void Pack(const kernels::PagedKvLayout& l, const int32_t* blocks, int32_t t0, int32_t t1,
           KvPart part, WireType type, uint8_t* wire, float* scales) {
   const int32_t n = t1 - t0, d = l.head_dim, bs = l.block_size;
   const size_t row_bytes = static_cast<size_t>(d) * WireElemSize(type);
   if (l.dtype == kernels::KvDtype::kI8) {
-    // An int8 cache, position by position through the layout: each row is dequantized with its
-    // scale and encoded. To an int8 wire that gives back the same values and scale (the row's
-    // largest element is +-127 x scale), so int8 -> int8 is exact.
-    std::vector<float> row(d);
-    for (int32_t h = 0; h < l.n_kv_heads; ++h) {
-      for (int32_t t = t0; t < t1; ++t) {
-        const int64_t r = static_cast<int64_t>(h) * n + (t - t0);
-        if (part == KvPart::kK) {
-          l.LoadK(blocks[t / bs], h, t % bs, row.data());
-        } else {
-          l.LoadV(blocks[t / bs], h, t % bs, row.data());
-        }
-        EncodeRows(row.data(), 1, d, type, wire + r * row_bytes,
-                   type == WireType::kInt8 ? scales + r : nullptr);
-      }
-    }
+    PackI8(l, blocks, t0, t1, part, type, wire, scales);
     return;
   }
   const bool f16_cache = l.dtype == kernels::KvDtype::kF16;
@@ -271,20 +345,8 @@ void Unpack(const kernels::PagedKvLayout& l, const int32_t* blocks, int32_t t0, 
             KvPart part, WireType type, const uint8_t* wire, const float* scales) {
   const int32_t n = t1 - t0, d = l.head_dim, bs = l.block_size;
   const size_t row_bytes = static_cast<size_t>(d) * WireElemSize(type);
-  if (l.dtype == kernels::KvDtype::kI8) {  // decoded row by row, quantized by the layout
-    std::vector<float> row(d);
-    for (int32_t h = 0; h < l.n_kv_heads; ++h) {
-      for (int32_t t = t0; t < t1; ++t) {
-        const int64_t r = static_cast<int64_t>(h) * n + (t - t0);
-        DecodeRows(wire + r * row_bytes, 1, d, type,
-                   type == WireType::kInt8 ? scales + r : nullptr, row.data());
-        if (part == KvPart::kK) {
-          l.StoreK(blocks[t / bs], h, t % bs, row.data());
-        } else {
-          l.StoreV(blocks[t / bs], h, t % bs, row.data());
-        }
-      }
-    }
+  if (l.dtype == kernels::KvDtype::kI8) {
+    UnpackI8(l, blocks, t0, t1, part, type, wire, scales);
     return;
   }
   const bool f16_cache = l.dtype == kernels::KvDtype::kF16;

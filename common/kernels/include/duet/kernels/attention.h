@@ -86,6 +86,10 @@ struct PagedKvLayout {
   void LoadV(int32_t block, int32_t kv_head, int32_t slot, float* v) const;
 };
 
+// The int8 cache's quantizer (what StoreK / StoreV use): q[i * stride] for i < n, returns the
+// scale max|x| / 127 (0 for all zeros; non-finite when x holds inf or NaN, whose q are 0).
+float QuantizeKvI8(const float* x, int32_t n, int64_t stride, int8_t* q);
+
 // One sequence's share of a batch.
 struct AttentionSeq {
   const int32_t* block_table = nullptr;  // physical block of each logical block
