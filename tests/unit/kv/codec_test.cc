@@ -425,127 +425,124 @@ TEST_CASE("vector paths: head_dim 64, block size 16, odd ranges and special valu
   CheckClose(src->seq, dest->seq, duet::v1::KV_DTYPE_INT8);
 }
 
+const char* CacheName(duet::kernels::KvDtype t) {
+  return t == duet::kernels::KvDtype::kF32 ? "f32" : t == duet::kernels::KvDtype::kF16 ? "f16"
+                                                                                       : "int8";
+}
+
+// Sends a 45-token lease (Fill's values, blocks of 16 scattered) from a pool of `cache` or f32
+// elements to a pool of `cache` or f32 elements with blocks of 8 (not f32 to f32: the tests
+// above), through every wire type, and calls check(src, dest, wire, src_is_cache, dest_is_cache).
+template <typename Check>
+void ForEachCrossing(duet::kernels::KvDtype cache, Check check) {
+  const KvShape f32_shape{2, 3, 64, 16};
+  KvShape cache_shape = f32_shape;
+  cache_shape.dtype = cache;
+  const int32_t n_tokens = 45;
+  for (const bool src_c : {true, false}) {
+    for (const bool dest_c : {true, false}) {
+      if (!src_c && !dest_c) continue;
+      auto src_pool = MakePool(src_c ? cache_shape : f32_shape, 10);
+      auto src = ScatteredSeq(src_pool.get(), n_tokens);
+      Fill(src->seq, n_tokens);
+      KvShape dest_shape = dest_c ? cache_shape : f32_shape;
+      dest_shape.block_size = 8;
+      auto dest_pool = MakePool(dest_shape, 20);
+      for (KvDtype dtype :
+           {duet::v1::KV_DTYPE_F32, duet::v1::KV_DTYPE_BF16, duet::v1::KV_DTYPE_INT8}) {
+        INFO("source " << (src_c ? CacheName(cache) : "f32") << ", destination "
+                       << (dest_c ? CacheName(cache) : "f32") << ", wire "
+                       << duet::v1::KvDtype_Name(dtype));
+        auto dest = ScatteredSeq(dest_pool.get(), n_tokens);
+        REQUIRE(Decode(Encode(src->seq, dtype, 2 * 3 * 64 * 4 * 13), &dest->seq, Expect(f32_shape))
+                    .ok());
+        check(src->seq, dest->seq, dtype, src_c, dest_c);
+      }
+    }
+  }
+}
+
 // An int8 cache (--kv-cache-dtype int8) on either end. Its rows are (scale, int8) pairs like the
 // int8 wire's, so int8 -> int8 is exact through an f32 or int8 wire, as is int8 -> f32 through
 // an f32 wire; an int8 destination quantizes what arrives, within half a step of its row.
 TEST_CASE("int8 caches encode what they hold and decode into their own element type",
           "[kv][codec]") {
-  const KvShape f32_shape{2, 3, 64, 16};
-  KvShape i8_shape = f32_shape;
-  i8_shape.dtype = duet::kernels::KvDtype::kI8;
-  const int32_t n_tokens = 45;
   auto bf16 = [](float x) { return duet::Bf16ToF32(duet::F32ToBf16(x)); };
-  for (const bool src_i8 : {true, false}) {
-    for (const bool dest_i8 : {true, false}) {
-      if (!src_i8 && !dest_i8) continue;
-      auto src_pool = MakePool(src_i8 ? i8_shape : f32_shape, 10);
-      auto src = ScatteredSeq(src_pool.get(), n_tokens);
-      Fill(src->seq, n_tokens);
-      KvShape dest_shape = dest_i8 ? i8_shape : f32_shape;
-      dest_shape.block_size = 8;
-      auto dest_pool = MakePool(dest_shape, 20);
-      for (KvDtype dtype :
-           {duet::v1::KV_DTYPE_F32, duet::v1::KV_DTYPE_BF16, duet::v1::KV_DTYPE_INT8}) {
-        INFO("source " << (src_i8 ? "int8" : "f32") << ", destination "
-                       << (dest_i8 ? "int8" : "f32") << ", wire "
-                       << duet::v1::KvDtype_Name(dtype));
-        auto dest = ScatteredSeq(dest_pool.get(), n_tokens);
-        REQUIRE(Decode(Encode(src->seq, dtype, 2 * 3 * 64 * 4 * 13), &dest->seq, Expect(f32_shape))
-                    .ok());
-        int64_t bad = 0;
-        for (int32_t layer = 0; layer < 2; ++layer)
-          for (int32_t kv = 0; kv < 2; ++kv)
-            for (int32_t h = 0; h < 3; ++h)
-              for (int32_t t = 0; t < n_tokens; ++t) {
-                const float step = RowScale(src->seq, layer, kv, h, t);  // max |row| / 127
-                for (int32_t d = 0; d < 64; ++d) {
-                  const float x = Get(src->seq, layer, kv, h, t, d);  // what the source holds
-                  const float want = Value(layer, kv, h, t, d);
-                  if (src_i8) {
-                    bad += !(std::fabs(x - want) <= step * 0.5f * 1.0001f);
-                  } else {
-                    bad += x != want;
-                  }
-                  const float y = Get(dest->seq, layer, kv, h, t, d);
-                  bool ok;
-                  if (dtype == duet::v1::KV_DTYPE_BF16) {
-                    const float tol = std::fabs(x) * std::ldexp(1.0f, -8) +
-                                      (dest_i8 ? step * 0.5f * 1.01f : 0.0f);
-                    ok = dest_i8 ? std::fabs(y - x) <= tol : y == bf16(x);
-                  } else if (src_i8) {
-                    ok = y == x;  // (scale, int8) rows arrive as they left
-                  } else if (dtype == duet::v1::KV_DTYPE_F32) {
-                    ok = std::fabs(y - x) <= step * 0.5f * 1.0001f;  // quantized once, here
-                  } else {
-                    ok = std::fabs(y - x) <= step * 0.5f * 1.0001f;  // on the wire; int8 keeps it
-                  }
-                  if (!ok && bad < 5) {
-                    UNSCOPED_INFO("layer " << layer << " kv " << kv << " head " << h
-                                           << " token " << t << " dim " << d << ": " << x
-                                           << " -> " << y);
-                  }
-                  bad += !ok;
-                }
+  const int32_t n_tokens = 45;
+  ForEachCrossing(duet::kernels::KvDtype::kI8, [&](const SequenceKv& src, const SequenceKv& dest,
+                                                  KvDtype dtype, bool src_i8, bool dest_i8) {
+    int64_t bad = 0;
+    for (int32_t layer = 0; layer < 2; ++layer)
+      for (int32_t kv = 0; kv < 2; ++kv)
+        for (int32_t h = 0; h < 3; ++h)
+          for (int32_t t = 0; t < n_tokens; ++t) {
+            const float step = RowScale(src, layer, kv, h, t);  // max |row| / 127
+            for (int32_t d = 0; d < 64; ++d) {
+              const float x = Get(src, layer, kv, h, t, d);  // what the source holds
+              const float want = Value(layer, kv, h, t, d);
+              if (src_i8) {
+                bad += !(std::fabs(x - want) <= step * 0.5f * 1.0001f);
+              } else {
+                bad += x != want;
               }
-        CHECK(bad == 0);
-      }
-    }
-  }
+              const float y = Get(dest, layer, kv, h, t, d);
+              bool ok;
+              if (dtype == duet::v1::KV_DTYPE_BF16) {
+                const float tol = std::fabs(x) * std::ldexp(1.0f, -8) +
+                                  (dest_i8 ? step * 0.5f * 1.01f : 0.0f);
+                ok = dest_i8 ? std::fabs(y - x) <= tol : y == bf16(x);
+              } else if (src_i8) {
+                ok = y == x;  // (scale, int8) rows arrive as they left
+              } else if (dtype == duet::v1::KV_DTYPE_F32) {
+                ok = std::fabs(y - x) <= step * 0.5f * 1.0001f;  // quantized once, here
+              } else {
+                ok = std::fabs(y - x) <= step * 0.5f * 1.0001f;  // on the wire; int8 keeps it
+              }
+              if (!ok && bad < 5) {
+                UNSCOPED_INFO("layer " << layer << " kv " << kv << " head " << h
+                                       << " token " << t << " dim " << d << ": " << x
+                                       << " -> " << y);
+              }
+              bad += !ok;
+            }
+          }
+    CHECK(bad == 0);
+  });
 }
 
 // An f16 cache (--kv-cache-dtype f16) on either end: the wire carries what the source cache
 // holds, and the destination cache rounds it to its own element type.
 TEST_CASE("f16 caches encode what they hold and decode into their own element type",
           "[kv][codec]") {
-  const KvShape f32_shape{2, 3, 64, 16};
-  KvShape f16_shape = f32_shape;
-  f16_shape.dtype = duet::kernels::KvDtype::kF16;
-  const int32_t n_tokens = 45;
   auto f16 = [](float x) { return duet::F16ToF32(duet::F32ToF16Sat(x)); };
   auto bf16 = [](float x) { return duet::Bf16ToF32(duet::F32ToBf16(x)); };
-  for (const bool src_f16 : {true, false}) {
-    for (const bool dest_f16 : {true, false}) {
-      if (!src_f16 && !dest_f16) continue;  // f32 to f32: the tests above
-      auto src_pool = MakePool(src_f16 ? f16_shape : f32_shape, 10);
-      auto src = ScatteredSeq(src_pool.get(), n_tokens);
-      Fill(src->seq, n_tokens);
-      KvShape dest_shape = dest_f16 ? f16_shape : f32_shape;
-      dest_shape.block_size = 8;
-      auto dest_pool = MakePool(dest_shape, 20);
-      for (KvDtype dtype :
-           {duet::v1::KV_DTYPE_F32, duet::v1::KV_DTYPE_BF16, duet::v1::KV_DTYPE_INT8}) {
-        INFO("source " << (src_f16 ? "f16" : "f32") << ", destination "
-                       << (dest_f16 ? "f16" : "f32") << ", wire "
-                       << duet::v1::KvDtype_Name(dtype));
-        auto dest = ScatteredSeq(dest_pool.get(), n_tokens);
-        REQUIRE(Decode(Encode(src->seq, dtype, 2 * 3 * 64 * 4 * 13), &dest->seq, Expect(f32_shape))
-                    .ok());
-        for (int32_t layer = 0; layer < 2; ++layer)
-          for (int32_t kv = 0; kv < 2; ++kv)
-            for (int32_t h = 0; h < 3; ++h)
-              for (int32_t t = 0; t < n_tokens; ++t) {
-                const float scale = RowScale(src->seq, layer, kv, h, t);
-                for (int32_t d = 0; d < 64; ++d) {
-                  const float x = Get(src->seq, layer, kv, h, t, d);  // what the source holds
-                  REQUIRE(x == (src_f16 ? f16(Value(layer, kv, h, t, d)) : Value(layer, kv, h, t, d)));
-                  const float y = Get(dest->seq, layer, kv, h, t, d);
-                  INFO("layer " << layer << " kv " << kv << " head " << h << " token " << t
-                                << " dim " << d << ": " << x << " -> " << y);
-                  if (dtype == duet::v1::KV_DTYPE_F32) {
-                    REQUIRE(y == (dest_f16 ? f16(x) : x));
-                  } else if (dtype == duet::v1::KV_DTYPE_BF16) {
-                    REQUIRE(y == (dest_f16 ? f16(bf16(x)) : bf16(x)));
-                  } else {
-                    // int8, then (f16 destination) one more rounding of at most 2^-11 relative.
-                    const float tol = scale * 0.5f * (1.0f + 1e-5f) +
-                                      (dest_f16 ? std::fabs(x) * std::ldexp(1.0f, -10) : 0.0f);
-                    REQUIRE(std::fabs(y - x) <= tol);
-                  }
-                }
+  const int32_t n_tokens = 45;
+  ForEachCrossing(duet::kernels::KvDtype::kF16, [&](const SequenceKv& src, const SequenceKv& dest,
+                                                  KvDtype dtype, bool src_f16, bool dest_f16) {
+    for (int32_t layer = 0; layer < 2; ++layer)
+      for (int32_t kv = 0; kv < 2; ++kv)
+        for (int32_t h = 0; h < 3; ++h)
+          for (int32_t t = 0; t < n_tokens; ++t) {
+            const float scale = RowScale(src, layer, kv, h, t);
+            for (int32_t d = 0; d < 64; ++d) {
+              const float x = Get(src, layer, kv, h, t, d);  // what the source holds
+              REQUIRE(x == (src_f16 ? f16(Value(layer, kv, h, t, d)) : Value(layer, kv, h, t, d)));
+              const float y = Get(dest, layer, kv, h, t, d);
+              INFO("layer " << layer << " kv " << kv << " head " << h << " token " << t
+                            << " dim " << d << ": " << x << " -> " << y);
+              if (dtype == duet::v1::KV_DTYPE_F32) {
+                REQUIRE(y == (dest_f16 ? f16(x) : x));
+              } else if (dtype == duet::v1::KV_DTYPE_BF16) {
+                REQUIRE(y == (dest_f16 ? f16(bf16(x)) : bf16(x)));
+              } else {
+                // int8, then (f16 destination) one more rounding of at most 2^-11 relative.
+                const float tol = scale * 0.5f * (1.0f + 1e-5f) +
+                                  (dest_f16 ? std::fabs(x) * std::ldexp(1.0f, -10) : 0.0f);
+                REQUIRE(std::fabs(y - x) <= tol);
               }
-      }
-    }
-  }
+            }
+          }
+  });
 }
 
 TEST_CASE("layers are split into chunks under max_chunk_bytes", "[kv][codec]") {

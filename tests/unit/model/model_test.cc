@@ -90,38 +90,48 @@ TEST_CASE("bf16 mode picks the reference's top-1 token at >= 99% of positions", 
   CHECK(agree >= 0.99 * total);
 }
 
+// Top-1 agreement with the reference logits over every fixture position, with a K/V cache of
+// `cache` under f32 and under bf16 weights; worst is max |dlogit| with f32 weights.
+struct CacheAgreement {
+  int total = 0, agree_f32w = 0, agree_bf16w = 0;
+  double worst = 0;
+};
+CacheAgreement AgreementWithCache(duet::kernels::KvDtype cache) {
+  CacheAgreement a;
+  for (const auto& name : FixtureModels()) {
+    const auto g = LoadGolden(name);
+    auto m32 = LoadModel(name, Precision::kF32, cache);
+    auto m16 = LoadModel(name, Precision::kBF16, cache);
+    auto pool32 = PoolFor(*m32);
+    auto pool16 = PoolFor(*m16);
+    REQUIRE(pool32->shape().dtype == cache);
+    const auto l32 = FullLogits(*m32, *pool32, g.token_ids);
+    const auto l16 = FullLogits(*m16, *pool16, g.token_ids);
+    const int32_t V = m32->config().n_vocab;
+    for (size_t p = 0; p < g.token_ids.size(); ++p) {
+      const int32_t want = Argmax(g.logits[p].data(), V);
+      ++a.total;
+      a.agree_f32w += Argmax(l32.data() + p * V, V) == want;
+      a.agree_bf16w += Argmax(l16.data() + p * V, V) == want;
+      for (int32_t v = 0; v < V; ++v)
+        a.worst = std::max(a.worst, std::fabs(double{l32[p * V + v]} - g.logits[p][v]));
+    }
+  }
+  return a;
+}
+
 // The f16 K/V cache (--kv-cache-dtype f16) rounds every K and V element to 11 significant bits.
 // With f32 weights that is its only error: it must pick the reference's top-1 token as often as
 // bf16 weights must. With bf16 weights the two roundings add up (these random tiny models turn a
 // 2^-12 relative change of K/V into logit changes of a few hundredths, enough to flip near-ties).
 TEST_CASE("an f16 K/V cache picks the reference's top-1 token at >= 99% of positions",
           "[model][kv]") {
-  int total = 0, agree_f32w = 0, agree_bf16w = 0;
-  double worst = 0;
-  for (const auto& name : FixtureModels()) {
-    const auto g = LoadGolden(name);
-    auto m32 = LoadModel(name, Precision::kF32, duet::kernels::KvDtype::kF16);
-    auto m16 = LoadModel(name, Precision::kBF16, duet::kernels::KvDtype::kF16);
-    auto pool32 = PoolFor(*m32);
-    auto pool16 = PoolFor(*m16);
-    REQUIRE(pool32->shape().dtype == duet::kernels::KvDtype::kF16);
-    const auto l32 = FullLogits(*m32, *pool32, g.token_ids);
-    const auto l16 = FullLogits(*m16, *pool16, g.token_ids);
-    const int32_t V = m32->config().n_vocab;
-    for (size_t p = 0; p < g.token_ids.size(); ++p) {
-      const int32_t want = Argmax(g.logits[p].data(), V);
-      ++total;
-      agree_f32w += Argmax(l32.data() + p * V, V) == want;
-      agree_bf16w += Argmax(l16.data() + p * V, V) == want;
-      for (int32_t v = 0; v < V; ++v)
-        worst = std::max(worst, std::fabs(double{l32[p * V + v]} - g.logits[p][v]));
-    }
-  }
-  INFO("f32 weights: " << agree_f32w << " of " << total << " agree, max |dlogit| " << worst
-                       << "; bf16 weights: " << agree_bf16w << " of " << total);
-  CHECK(agree_f32w >= 0.99 * total);
-  CHECK(agree_bf16w >= 0.98 * total);
-  CHECK(worst <= 0.1);
+  const CacheAgreement a = AgreementWithCache(duet::kernels::KvDtype::kF16);
+  INFO("f32 weights: " << a.agree_f32w << " of " << a.total << " agree, max |dlogit| " << a.worst
+                       << "; bf16 weights: " << a.agree_bf16w << " of " << a.total);
+  CHECK(a.agree_f32w >= 0.99 * a.total);
+  CHECK(a.agree_bf16w >= 0.98 * a.total);
+  CHECK(a.worst <= 0.1);
 }
 
 // The int8 K/V cache (--kv-cache-dtype int8) keeps 8 bits per element with one scale per
@@ -130,32 +140,12 @@ TEST_CASE("an f16 K/V cache picks the reference's top-1 token at >= 99% of posit
 // or bf16 weights): it is a memory option, not the default, and the bounds below say so.
 TEST_CASE("an int8 K/V cache picks the reference's top-1 token at >= 96% of positions",
           "[model][kv]") {
-  int total = 0, agree_f32w = 0, agree_bf16w = 0;
-  double worst = 0;
-  for (const auto& name : FixtureModels()) {
-    const auto g = LoadGolden(name);
-    auto m32 = LoadModel(name, Precision::kF32, duet::kernels::KvDtype::kI8);
-    auto m16 = LoadModel(name, Precision::kBF16, duet::kernels::KvDtype::kI8);
-    auto pool32 = PoolFor(*m32);
-    auto pool16 = PoolFor(*m16);
-    REQUIRE(pool32->shape().dtype == duet::kernels::KvDtype::kI8);
-    const auto l32 = FullLogits(*m32, *pool32, g.token_ids);
-    const auto l16 = FullLogits(*m16, *pool16, g.token_ids);
-    const int32_t V = m32->config().n_vocab;
-    for (size_t p = 0; p < g.token_ids.size(); ++p) {
-      const int32_t want = Argmax(g.logits[p].data(), V);
-      ++total;
-      agree_f32w += Argmax(l32.data() + p * V, V) == want;
-      agree_bf16w += Argmax(l16.data() + p * V, V) == want;
-      for (int32_t v = 0; v < V; ++v)
-        worst = std::max(worst, std::fabs(double{l32[p * V + v]} - g.logits[p][v]));
-    }
-  }
-  INFO("f32 weights: " << agree_f32w << " of " << total << " agree, max |dlogit| " << worst
-                       << "; bf16 weights: " << agree_bf16w << " of " << total);
-  CHECK(agree_f32w >= 0.96 * total);
-  CHECK(agree_bf16w >= 0.96 * total);
-  CHECK(worst <= 0.3);
+  const CacheAgreement a = AgreementWithCache(duet::kernels::KvDtype::kI8);
+  INFO("f32 weights: " << a.agree_f32w << " of " << a.total << " agree, max |dlogit| " << a.worst
+                       << "; bf16 weights: " << a.agree_bf16w << " of " << a.total);
+  CHECK(a.agree_f32w >= 0.96 * a.total);
+  CHECK(a.agree_bf16w >= 0.96 * a.total);
+  CHECK(a.worst <= 0.3);
 }
 
 TEST_CASE("greedy decoding through the cache reproduces the reference's greedy tokens",
