@@ -540,7 +540,10 @@ __attribute__((target("avx512f"))) void DecodeRange(const PagedKvLayout& kv,
         }
       }
     }
-    // Probabilities times V: the block's V in memory order, slot rows of d elements.
+    // Probabilities times V: the block's V in memory order, slot rows of d elements, 64 columns
+    // at a time so that each row is read whole. (AccumulateSlab does the same sum through
+    // pointer arrays: 5-10% slower here; its 32-column slabs read half a row and come back,
+    // 45% slower with an f32 cache.)
     for (int32_t g = 0; g < n_kv; ++g) {
       const T* vg = vb + g * hs;
       for (int32_t t0 = 0; t0 < d; t0 += 64) {
