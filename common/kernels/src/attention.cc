@@ -43,9 +43,11 @@ __attribute__((target("avx512f"))) void Quantize16(const float* x, int32_t n, fl
 }
 #pragma GCC diagnostic pop
 
+}  // namespace
+
 // int8: scale = max|x| / 127 (0 for an all-zero vector), q = x / scale rounded to nearest even.
 // A vector holding inf or NaN gets a non-finite scale and reads back as NaN.
-float QuantizeI8Impl(const float* x, int32_t n, int64_t stride, int8_t* q) {
+float QuantizeKvI8(const float* x, int32_t n, int64_t stride, int8_t* q) {
   static const bool avx512 = __builtin_cpu_supports("avx512f");
   if (avx512 && n % 16 == 0 && n <= 512) {
     const float amax = AbsMax16(x, n);
@@ -69,12 +71,6 @@ float QuantizeI8Impl(const float* x, int32_t n, int64_t stride, int8_t* q) {
         static_cast<int8_t>(std::isnan(r) ? 0.f : std::clamp(r, -127.f, 127.f));
   }
   return scale;
-}
-
-}  // namespace
-
-float QuantizeKvI8(const float* x, int32_t n, int64_t stride, int8_t* q) {
-  return QuantizeI8Impl(x, n, stride, q);
 }
 
 void PagedKvLayout::StoreK(int32_t block, int32_t kv_head, int32_t slot, const float* k) const {
@@ -177,11 +173,12 @@ __attribute__((target("avx512f"))) inline __m512 Load16(const int8_t* p) {  // u
 }
 
 // Scores of NQ queries (q: [NQ][d], already scaled) against one block of 16 slots (kt: K
-// transposed [d][16]): s[i * ld + j] = q_i . k_j. Each K row is loaded once for all NQ queries;
-// C independent chains per query keep eight FMAs in flight.
+// transposed [d][16]): s[i] = q_i . k_j for the 16 slots j, unscaled by any int8 K scale. Each K
+// row is loaded once for all NQ queries; C independent chains per query keep eight FMAs in
+// flight.
 template <typename T, int NQ>
-__attribute__((target("avx512f"))) void ScoresBlock(const T* kt, const float* q, int32_t d,
-                                                    float* s, int64_t ld) {
+__attribute__((target("avx512f"))) inline void ScoresRegs(const T* kt, const float* q, int32_t d,
+                                                          __m512 (&s)[NQ]) {
   constexpr int C = NQ >= 8 ? 1 : 8 / NQ;
   __m512 a[NQ][C];
   for (int i = 0; i < NQ; ++i)
@@ -194,10 +191,18 @@ __attribute__((target("avx512f"))) void ScoresBlock(const T* kt, const float* q,
     }
   }
   for (int i = 0; i < NQ; ++i) {
-    __m512 sum = a[i][0];
-    for (int c = 1; c < C; ++c) sum = _mm512_add_ps(sum, a[i][c]);
-    _mm512_storeu_ps(s + i * ld, sum);
+    s[i] = a[i][0];
+    for (int c = 1; c < C; ++c) s[i] = _mm512_add_ps(s[i], a[i][c]);
   }
+}
+
+// The same, stored: s[i * ld + j].
+template <typename T, int NQ>
+__attribute__((target("avx512f"))) void ScoresBlock(const T* kt, const float* q, int32_t d,
+                                                    float* s, int64_t ld) {
+  __m512 sv[NQ];
+  ScoresRegs<T, NQ>(kt, q, d, sv);
+  for (int i = 0; i < NQ; ++i) _mm512_storeu_ps(s + i * ld, sv[i]);
 }
 
 template <typename T>
@@ -311,11 +316,27 @@ inline void Prefetch(const void* p, int64_t bytes) {
 // Per-thread scratch, kept across calls (OpenMP's threads persist): no allocation per layer.
 struct Scratch {
   std::vector<float> q;    // [nq][d] scaled queries of the work item
-  std::vector<float> s;    // [nq][chunk slots] scores, then probabilities
+  std::vector<float> s;    // [nq][slots] scores, then probabilities
   std::vector<float> m, l;  // [nq] running max and sum
   std::vector<float> acc;  // [nq][d]
   std::vector<int32_t> pos;  // [nq] position of each query's row
+
+  // Room for nq queries of head_dim d with `slots` scores each (grows, never shrinks).
+  void Reserve(size_t nq, size_t d, size_t slots) {
+    if (m.size() < nq) {
+      m.resize(nq);
+      l.resize(nq);
+      pos.resize(nq);
+    }
+    if (q.size() < nq * d) q.resize(nq * d);
+    if (acc.size() < nq * d) acc.resize(nq * d);
+    if (s.size() < nq * slots) s.resize(nq * slots);
+  }
 };
+Scratch& ThreadScratch() {
+  thread_local Scratch sc;
+  return sc;
+}
 
 template <typename T>
 void RunItem(const WorkItem& it, const float* q, int64_t q_stride, const PagedKvLayout& kv,
@@ -489,7 +510,6 @@ __attribute__((target("avx512f"))) void DecodeRange(const PagedKvLayout& kv,
   const int64_t hs = kv.head_stride();
   const int32_t pos = seq.n_past;  // the new row's position
   const T* base = static_cast<const T*>(kv.base);
-  constexpr int C = 8 / G;  // independent FMA chains per query
   for (int32_t b = b0; b < b1; ++b) {
     const int32_t block = seq.block_table[b];
     const int32_t n = std::min(16, pos - b * 16 + 1);  // valid slots, >= 1
@@ -498,22 +518,11 @@ __attribute__((target("avx512f"))) void DecodeRange(const PagedKvLayout& kv,
     const T* vb = kb + kv.v_offset();
     // Scores and the softmax update, kv head by kv head: K of the block in memory order.
     for (int32_t g = 0; g < n_kv; ++g) {
-      const T* kt = kb + g * hs;
-      const float* qg = qs + static_cast<int64_t>(g) * G * d;
-      __m512 a[G][C];
-      for (int i = 0; i < G; ++i)
-        for (int c = 0; c < C; ++c) a[i][c] = _mm512_setzero_ps();
-      for (int32_t t = 0; t < d; t += C) {
-        for (int c = 0; c < C; ++c) {
-          const __m512 k = Load16(kt + static_cast<int64_t>(t + c) * 16);
-          for (int i = 0; i < G; ++i)
-            a[i][c] = _mm512_fmadd_ps(_mm512_set1_ps(qg[i * d + t + c]), k, a[i][c]);
-        }
-      }
+      __m512 scores[G];
+      ScoresRegs<T, G>(kb + g * hs, qs + static_cast<int64_t>(g) * G * d, d, scores);
       for (int i = 0; i < G; ++i) {
         const int32_t h = g * G + i;
-        __m512 sv = a[i][0];
-        for (int c = 1; c < C; ++c) sv = _mm512_add_ps(sv, a[i][c]);
+        __m512 sv = scores[i];
         if constexpr (std::is_same_v<T, int8_t>)  // each slot's K scale
           sv = _mm512_mul_ps(sv, _mm512_loadu_ps(kv.KScales(block, g)));
         sv = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, sv);
@@ -618,24 +627,26 @@ void DecodeAttention(const float* q, int64_t q_stride, const PagedKvLayout& kv,
 
 #pragma omp parallel if (n_work > 1)
   {
-    std::vector<float> qs(static_cast<size_t>(n_heads) * d), acc(qs.size()), m(n_heads),
-        l(n_heads), p(static_cast<size_t>(n_heads) * 16);
+    Scratch& sc = ThreadScratch();
+    sc.Reserve(n_heads, d, 16);
+    float *qs = sc.q.data(), *acc = sc.acc.data(), *m = sc.m.data(), *l = sc.l.data(),
+          *p = sc.s.data();  // p: the block's probabilities, [n_heads][16]
 #pragma omp for schedule(dynamic, 1)
     for (int64_t w = 0; w < n_work; ++w) {
       const DecodeWork& it = work[w];
       const AttentionSeq& seq = seqs[it.seq];
       const float* qrow = q + seq.row_begin * q_stride;
       for (int64_t i = 0; i < static_cast<int64_t>(n_heads) * d; ++i) qs[i] = qrow[i] * scale;
-      std::fill(m.begin(), m.end(), -INFINITY);
-      std::fill(l.begin(), l.end(), 0.f);
-      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(m, m + n_heads, -INFINITY);
+      std::fill(l, l + n_heads, 0.f);
+      std::fill(acc, acc + static_cast<int64_t>(n_heads) * d, 0.f);
       using Fn = void (*)(const PagedKvLayout&, const AttentionSeq&, int32_t, int32_t,
                           const float*, float*, float*, float*, float*);
       constexpr Fn kRanges[3][2] = {{DecodeRange<float, 1>, DecodeRange<float, 2>},
                                     {DecodeRange<uint16_t, 1>, DecodeRange<uint16_t, 2>},
                                     {DecodeRange<int8_t, 1>, DecodeRange<int8_t, 2>}};
       const Fn run = kRanges[static_cast<int>(kv.dtype)][group - 1];
-      run(kv, seq, it.b0, it.b1, qs.data(), m.data(), l.data(), acc.data(), p.data());
+      run(kv, seq, it.b0, it.b1, qs, m, l, acc, p);
       if (it.part < 0) {
         float* o = out + seq.row_begin * out_stride;
         for (int32_t h = 0; h < n_heads; ++h) {
@@ -648,8 +659,8 @@ void DecodeAttention(const float* q, int64_t q_stride, const PagedKvLayout& kv,
         for (int32_t h = 0; h < n_heads; ++h) {
           pp[h * (d + 2)] = m[h];
           pp[h * (d + 2) + 1] = l[h];
-          std::copy(acc.begin() + static_cast<int64_t>(h) * d,
-                    acc.begin() + static_cast<int64_t>(h + 1) * d, pp + h * (d + 2) + 2);
+          std::copy(acc + static_cast<int64_t>(h) * d, acc + static_cast<int64_t>(h + 1) * d,
+                    pp + h * (d + 2) + 2);
         }
       }
     }
@@ -726,16 +737,8 @@ void PagedAttention(const float* q, int64_t q_stride, const PagedKvLayout& kv,
 
 #pragma omp parallel if (n_work > 1)
   {
-    thread_local Scratch sc;
-    const size_t nq = static_cast<size_t>(max_q);
-    if (sc.m.size() < nq) {
-      sc.m.resize(nq);
-      sc.l.resize(nq);
-      sc.pos.resize(nq);
-    }
-    if (sc.q.size() < nq * d) sc.q.resize(nq * d);
-    if (sc.acc.size() < nq * d) sc.acc.resize(nq * d);
-    if (sc.s.size() < nq * chunk_slots) sc.s.resize(nq * chunk_slots);
+    Scratch& sc = ThreadScratch();
+    sc.Reserve(static_cast<size_t>(max_q), d, chunk_slots);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t w = n_work - 1; w >= 0; --w) {  // longest (latest rows) first
       const WorkItem& it = work[w];

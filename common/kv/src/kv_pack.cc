@@ -209,8 +209,12 @@ void PackI8(const kernels::PagedKvLayout& l, const int32_t* blocks, int32_t t0, 
             KvPart part, WireType type, uint8_t* wire, float* scales) {
   const int32_t n = t1 - t0, d = l.head_dim, bs = l.block_size;
   const size_t row_bytes = static_cast<size_t>(d) * WireElemSize(type);
-  const int32_t cap = std::min(bs, n);
-  std::vector<float> tmp(static_cast<size_t>(cap) * d), tmp_t(tmp.size());
+  // f32 staging for the other wires: a block's rows, and (K) its columns before the transpose.
+  std::vector<float> tmp, tmp_t;
+  if (type != WireType::kInt8) {
+    tmp.resize(static_cast<size_t>(std::min(bs, n)) * d);
+    tmp_t.resize(tmp.size());
+  }
   for (int32_t h = 0; h < l.n_kv_heads; ++h) {
     for (int32_t t = t0; t < t1;) {
       const int32_t b = blocks[t / bs], s0 = t % bs, m = std::min(bs - s0, t1 - t);
@@ -255,7 +259,8 @@ void UnpackI8(const kernels::PagedKvLayout& l, const int32_t* blocks, int32_t t0
               KvPart part, WireType type, const uint8_t* wire, const float* scales) {
   const int32_t n = t1 - t0, d = l.head_dim, bs = l.block_size;
   const size_t row_bytes = static_cast<size_t>(d) * WireElemSize(type);
-  std::vector<float> tmp(static_cast<size_t>(std::min(bs, n)) * d);
+  std::vector<float> tmp;  // f32 staging for the other wires
+  if (type != WireType::kInt8) tmp.resize(static_cast<size_t>(std::min(bs, n)) * d);
   for (int32_t h = 0; h < l.n_kv_heads; ++h) {
     for (int32_t t = t0; t < t1;) {
       const int32_t b = blocks[t / bs], s0 = t % bs, m = std::min(bs - s0, t1 - t);

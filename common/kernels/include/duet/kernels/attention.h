@@ -55,8 +55,8 @@ struct PagedKvLayout {
   int64_t scale_offset() const { return 2 * v_offset(); }
   // int8 only: the block_size scales of one kv head's K (or V) in a block, one per slot.
   float* KScales(int32_t block, int32_t kv_head) const {
-    return reinterpret_cast<float*>(static_cast<int8_t*>(base) + block * block_stride +
-                                    layer_offset + scale_offset()) +
+    return reinterpret_cast<float*>(static_cast<int8_t*>(base) + k_offset(block, 0) +
+                                    scale_offset()) +
            static_cast<int64_t>(kv_head) * block_size;
   }
   float* VScales(int32_t block, int32_t kv_head) const {
