@@ -516,8 +516,24 @@ __attribute__((target("avx512f"))) void DecodeRange(const PagedKvLayout& kv,
     const __mmask16 valid = static_cast<__mmask16>(n == 16 ? 0xFFFFu : (1u << n) - 1u);
     const T* kb = base + kv.k_offset(block, 0);
     const T* vb = kb + kv.v_offset();
+    // An int8 cache reads the next block one block ahead, head by head, and its scales (which
+    // live after V) before they are needed. Without this the hardware prefetchers leave it
+    // waiting on DRAM at 21-26 GB/s (perf: the stalls sit on each cache line's first K load and
+    // on the scales); with it the GPT-2 shape streams at 39-56 GB/s (batch 16 x 512 positions,
+    // 12 layers, alternating runs: 6.4-7.9 ms -> 2.9-4.3 ms). The same prefetch makes the f16
+    // and f32 caches slower (0-15%), so they go without.
+    const T* next = nullptr;
+    if constexpr (std::is_same_v<T, int8_t>) {
+      const int64_t scale_bytes = 2 * static_cast<int64_t>(n_kv) * kv.block_size * 4;
+      if (b == b0) Prefetch(kv.KScales(block, 0), scale_bytes);
+      if (b + 1 < b1) {
+        next = base + kv.k_offset(seq.block_table[b + 1], 0);
+        Prefetch(kv.KScales(seq.block_table[b + 1], 0), scale_bytes);
+      }
+    }
     // Scores and the softmax update, kv head by kv head: K of the block in memory order.
     for (int32_t g = 0; g < n_kv; ++g) {
+      if (next != nullptr) Prefetch(next + g * hs, hs * sizeof(T));
       __m512 scores[G];
       ScoresRegs<T, G>(kb + g * hs, qs + static_cast<int64_t>(g) * G * d, d, scores);
       for (int i = 0; i < G; ++i) {
@@ -555,6 +571,7 @@ __attribute__((target("avx512f"))) void DecodeRange(const PagedKvLayout& kv,
     // 45% slower with an f32 cache.)
     for (int32_t g = 0; g < n_kv; ++g) {
       const T* vg = vb + g * hs;
+      if (next != nullptr) Prefetch(next + kv.v_offset() + g * hs, hs * sizeof(T));
       for (int32_t t0 = 0; t0 < d; t0 += 64) {
         const int W = std::min<int32_t>(4, (d - t0) / 16);
         __m512 x[G][4], y[G][4];
