@@ -4,6 +4,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cmath>
 
 namespace duet::kernels {
 
@@ -61,14 +63,77 @@ constexpr ChunkFn kChunks[2][7] = {
     {nullptr, Chunk<1, true>, Chunk<2, true>, Chunk<3, true>, Chunk<4, true>, Chunk<5, true>,
      Chunk<6, true>}};
 
+double Seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
 }  // namespace
 
-void GemvBf16(const uint16_t* x, int64_t m, int64_t kp, const uint16_t* w, int64_t n, float* y) {
+void GemvSplit::Bounds(int nt, int64_t n_blocks, int64_t* bounds) {
+  if (nt != nt_) {
+    nt_ = nt;
+    for (int t = 0; t < nt; ++t) share_[t] = 1.0 / nt;
+  }
+  double cum = 0;
+  bounds[0] = 0;
+  for (int t = 1; t < nt; ++t) {
+    cum += share_[t - 1];
+    bounds[t] = std::clamp<int64_t>(std::llround(cum * n_blocks), bounds[t - 1], n_blocks);
+  }
+  bounds[nt] = n_blocks;
+}
+
+void GemvSplit::Update(int nt, const int64_t* bounds, const double* seconds) {
+  if (nt != nt_ || nt < 2) return;
+  // Each measured thread's speed (blocks per second) says what share would have finished with
+  // the others; move a quarter of the way there, so one noisy call moves the split little.
+  double rate[kMaxThreads], measured = 0, unmeasured_share = 0;
+  for (int t = 0; t < nt; ++t) {
+    const int64_t blocks = bounds[t + 1] - bounds[t];
+    rate[t] = blocks > 0 && seconds[t] > 0 ? blocks / seconds[t] : 0;
+    if (rate[t] > 0) {
+      measured += rate[t];
+    } else {
+      unmeasured_share += share_[t];
+    }
+  }
+  if (measured <= 0) return;
+  double total = 0;
+  for (int t = 0; t < nt; ++t) {
+    if (rate[t] > 0) {
+      const double target = (1 - unmeasured_share) * rate[t] / measured;
+      share_[t] += 0.25 * (target - share_[t]);
+    }
+    total += share_[t];
+  }
+  for (int t = 0; t < nt; ++t) share_[t] /= total;
+  // Every thread keeps at least a quarter of an even share (a thread that stalled once, say on
+  // a neighbour's burst, still gets measured): lift those below, take it from the rest.
+  const double floor = 0.25 / nt;
+  for (int pass = 0; pass < nt; ++pass) {
+    double lifted = 0, rest = 0;
+    for (int t = 0; t < nt; ++t) {
+      if (share_[t] < floor) {
+        lifted += floor - share_[t];
+        share_[t] = floor;
+      } else if (share_[t] > floor) {
+        rest += share_[t] - floor;
+      }
+    }
+    if (lifted <= 0 || rest <= 0) break;
+    for (int t = 0; t < nt; ++t)
+      if (share_[t] > floor) share_[t] -= lifted * (share_[t] - floor) / rest;
+  }
+}
+
+void GemvBf16(const uint16_t* x, int64_t m, int64_t kp, const uint16_t* w, int64_t n, float* y,
+              GemvSplit* split) {
   const int64_t n_blocks = (n + 63) / 64;
   const int64_t block_elems = kp * 64;  // one N-block: all of K for 64 columns
   if (m > kMaxRows) {  // Linear sends at most 16 rows; more run as groups of 16
     for (int64_t r0 = 0; r0 < m; r0 += kMaxRows)
-      GemvBf16(x + r0 * kp, std::min(kMaxRows, m - r0), kp, w, n, y + r0 * n);
+      GemvBf16(x + r0 * kp, std::min(kMaxRows, m - r0), kp, w, n, y + r0 * n, split);
     return;
   }
   // Each N-block's K is split into chunks of kKc k-pairs; every row chunk (<= 6 rows, 4 x rows
@@ -87,13 +152,23 @@ void GemvBf16(const uint16_t* x, int64_t m, int64_t kp, const uint16_t* w, int64
   }
   const int64_t pairs = kp / 2;
   const auto* x32 = reinterpret_cast<const int32_t*>(x);
+  // Contiguous ranges of N-blocks: each thread reads one stretch of the weights.
+  const int nt_want = omp_get_max_threads();
+  const bool steer = split != nullptr && nt_want >= 2 && nt_want <= GemvSplit::kMaxThreads;
+  int64_t bounds[GemvSplit::kMaxThreads + 1];
+  double busy[GemvSplit::kMaxThreads] = {};
+  bool as_planned = steer;
+  if (steer) split->Bounds(nt_want, n_blocks, bounds);
 #pragma omp parallel
   {
     alignas(64) float tile[kMaxRows * 64];  // partial sums, [row][64 columns]
     alignas(64) float last[kMaxRows * 64];  // final sums of a partial N-block (< 64 columns)
-    // Contiguous, balanced ranges of N-blocks: each thread reads one stretch of the weights.
     const int nt = omp_get_num_threads(), t = omp_get_thread_num();
-    const int64_t nb0 = n_blocks * t / nt, nb1 = n_blocks * (t + 1) / nt;
+    const bool planned = steer && nt == nt_want;
+    if (steer && !planned && t == 0) as_planned = false;
+    const double t_begin = planned ? Seconds() : 0;
+    const int64_t nb0 = planned ? bounds[t] : n_blocks * t / nt;
+    const int64_t nb1 = planned ? bounds[t + 1] : n_blocks * (t + 1) / nt;
     const int64_t stream_end = nb1 * block_elems;  // end of this thread's weights (elements)
     for (int64_t nb = nb0; nb < nb1; ++nb) {
       const uint16_t* wb = w + nb * block_elems;
@@ -128,7 +203,9 @@ void GemvBf16(const uint16_t* x, int64_t m, int64_t kp, const uint16_t* w, int64
         for (int64_t r = 0; r < m; ++r)
           std::copy(last + r * 64, last + r * 64 + n_cols, y + r * n + nb * 64);
     }
+    if (planned) busy[t] = Seconds() - t_begin;
   }
+  if (as_planned) split->Update(nt_want, bounds, busy);
 }
 
 }  // namespace duet::kernels

@@ -44,6 +44,7 @@ struct Linear::Impl {
   // layout is BA16a64b2a; kp is K padded to the layout's block.
   bool use_gemv = false;
   int64_t kp = 0;
+  GemvSplit split[2];  // how the threads share the weights at M = 1 and at M > 1
   struct Cached {
     dnnl::matmul prim;
   };
@@ -119,7 +120,7 @@ absl::Status Linear::Forward(const float* x, int64_t m, float* y) {
       std::fill(xr + im.k, xr + kp, uint16_t{0});
     }
     GemvBf16(im.x_bf16.data(), m, kp, static_cast<const uint16_t*>(im.weights.get_data_handle()),
-             im.n, y);
+             im.n, y, &im.split[m == 1 ? 0 : 1]);
   } else {
   try {
     auto& ctx = Context();

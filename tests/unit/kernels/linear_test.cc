@@ -7,6 +7,7 @@
 
 #include "duet/kernels/reference.h"
 #include "duet/tensor/dtype.h"
+#include "gemv_bf16.h"  // common/kernels/src: the small-M kernel and its thread split
 
 using duet::kernels::Linear;
 using duet::kernels::Precision;
@@ -82,4 +83,85 @@ TEST_CASE("Linear rejects bad shapes", "[linear]") {
   REQUIRE(ok.ok());
   float x = 1.f, y = 0.f;
   REQUIRE((*ok)->Forward(&x, 0, &y).code() == absl::StatusCode::kInvalidArgument);
+}
+
+// ---- How the small-M kernel splits a matrix between threads (GemvSplit) ----
+
+TEST_CASE("GemvSplit starts even and moves work toward the faster thread", "[linear]") {
+  duet::kernels::GemvSplit split;
+  int64_t b[4];
+  split.Bounds(2, 10, b);
+  CHECK((b[0] == 0 && b[1] == 5 && b[2] == 10));
+  split.Bounds(3, 10, b);  // a new thread count starts even again
+  CHECK((b[0] == 0 && b[1] == 3 && b[2] == 7 && b[3] == 10));
+
+  // Thread 1 streams at half thread 0's speed, call after call: the split settles where both
+  // finish together (2/3 and 1/3), a quarter of the way per call.
+  split.Bounds(2, 300, b);
+  for (int call = 0; call < 40; ++call) {
+    split.Bounds(2, 300, b);
+    const double seconds[2] = {(b[1] - b[0]) * 1e-6, (b[2] - b[1]) * 2e-6};
+    split.Update(2, b, seconds);
+  }
+  CHECK(split.share(0) == Approx(2.0 / 3).margin(0.01));
+  split.Bounds(2, 300, b);
+  CHECK(b[1] == Approx(200).margin(3));
+
+  // A thread that seems to stall keeps a floor of a quarter of its even share.
+  for (int call = 0; call < 40; ++call) {
+    split.Bounds(2, 300, b);
+    const double seconds[2] = {(b[1] - b[0]) * 1e-6, (b[2] - b[1]) * 1.0};
+    split.Update(2, b, seconds);
+  }
+  CHECK(split.share(1) == Approx(0.125).margin(1e-9));
+  CHECK(split.share(0) + split.share(1) == Approx(1.0));
+
+  // No measurement (no blocks, no time) changes nothing, and no share becomes NaN.
+  const double before = split.share(0);
+  const int64_t empty[3] = {0, 0, 0};
+  const double zero[2] = {0, 0};
+  split.Update(2, empty, zero);
+  CHECK(split.share(0) == before);
+  split.Update(3, b, zero);  // a call planned for another thread count is ignored
+  CHECK(split.share(0) == before);
+}
+
+TEST_CASE("GemvBf16 gives the same bits however the columns are split", "[linear]") {
+  // Pack a K x N matrix into BA16a64b2a by hand (blocks of 32 K x 64 N, N-blocks outermost, each
+  // block [16 k-pairs][64 n][2], zero padded), run once split evenly and once with thread 0
+  // holding almost every block: each column is summed by one thread either way.
+  const int64_t K = 100, N = 1000, kp = 128, np = 1024;
+  const auto w = Random(K * N, 3);
+  std::vector<uint16_t> packed(kp * np, 0);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t nb = n / 64, kb = k / 32, pair = (k % 32) / 2;
+      const int64_t at = nb * kp * 64 + kb * 32 * 64 + pair * 128 + (n % 64) * 2 + k % 2;
+      packed[at] = duet::F32ToBf16(w[k * N + n]);
+    }
+  if (!duet::kernels::HasAvx512Bf16()) SUCCEED("no AVX-512-BF16: Linear never calls GemvBf16");
+  if (!duet::kernels::HasAvx512Bf16()) return;
+  for (int64_t M : {1, 7, 16}) {
+    const auto x = Random(M * K, 5 + M);
+    std::vector<uint16_t> xb(M * kp, 0);
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t k = 0; k < K; ++k) xb[r * kp + k] = duet::F32ToBf16(x[r * K + k]);
+    std::vector<float> even(M * N), skewed(M * N), ref(M * N);
+    duet::kernels::GemvBf16(xb.data(), M, kp, packed.data(), N, even.data());
+    duet::kernels::GemvSplit split;
+    int64_t b[duet::kernels::GemvSplit::kMaxThreads + 1];
+    const int nt = 2;
+    for (int call = 0; call < 40; ++call) {  // thread 1 "slow": nearly all blocks go to thread 0
+      split.Bounds(nt, 16, b);
+      const double seconds[2] = {1e-6 * (b[1] - b[0]), 1.0};
+      split.Update(nt, b, seconds);
+    }
+    duet::kernels::GemvBf16(xb.data(), M, kp, packed.data(), N, skewed.data(), &split);
+    duet::kernels::reference::Matmul(RoundBf16(x).data(), RoundBf16(w).data(), nullptr, M, K, N,
+                                     ref.data());
+    for (int64_t i = 0; i < M * N; ++i) {
+      REQUIRE(skewed[i] == even[i]);
+      REQUIRE(even[i] == Approx(ref[i]).margin(1e-3));
+    }
+  }
 }
