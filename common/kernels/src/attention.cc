@@ -489,15 +489,15 @@ void RunItem(const WorkItem& it, const float* q, int64_t q_stride, const PagedKv
 // ---- Decode: one new row per sequence, 1, 2, 4 or 8 query heads per kv head ----
 //
 // A decode step of a model without grouped queries (GPT-2) reads every cached K/V element once
-// for one query, so it is a pure stream of the cache. With grouped queries (TinyLlama: 8 per kv
-// head) each element serves the group, and the same single pass keeps all of them in registers
-// (batch 16 x 512 positions, 22 layers, f16 cache: 10.2-11.6 ms with the chunked passes, 8.9 ms
-// here; int8 12.2 -> 6.5-7.5 ms). The chunked passes above read a chunk's K
+// for one query, so it is a pure stream of the cache. The chunked passes above read a chunk's K
 // then come back for its V: half of every block is skipped and then fetched, and a plain read in
 // that pattern reaches only ~60% of a sequential read here. This path reads each block once, in
 // memory order (all heads' K, then all heads' V), with one online-softmax update per query per
 // block, so the hardware prefetchers see one sequential stream per thread. A long context (few
 // sequences) is split into block ranges across threads, whose partial softmaxes are merged.
+// With grouped queries (TinyLlama: 8 per kv head) each element serves the whole group, whose
+// accumulators the same single pass keeps in registers (batch 16 x 512 positions, 22 layers:
+// f16 cache 10.2-11.6 ms with the chunked passes, 8.9 ms here; int8 12.2 -> 6.5-7.5 ms).
 
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
