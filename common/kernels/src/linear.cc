@@ -4,6 +4,7 @@
 
 #include <dnnl.hpp>
 #include <algorithm>
+#include <bit>
 #include <unordered_map>
 #include <vector>
 
@@ -44,7 +45,10 @@ struct Linear::Impl {
   // layout is BA16a64b2a; kp is K padded to the layout's block.
   bool use_gemv = false;
   int64_t kp = 0;
-  GemvSplit split[2];  // how the threads share the weights at M = 1 and at M > 1
+  // How the threads share the weights, per size class: M = 1, 2-3, 4-7, 8-16 (how unequal the
+  // threads are depends on M: timed at M = 4 and 16 in one run, the slower thread was not the
+  // same one).
+  GemvSplit split[4];
   struct Cached {
     dnnl::matmul prim;
   };
@@ -120,7 +124,7 @@ absl::Status Linear::Forward(const float* x, int64_t m, float* y) {
       std::fill(xr + im.k, xr + kp, uint16_t{0});
     }
     GemvBf16(im.x_bf16.data(), m, kp, static_cast<const uint16_t*>(im.weights.get_data_handle()),
-             im.n, y, &im.split[m == 1 ? 0 : 1]);
+             im.n, y, &im.split[std::min<int>(3, std::bit_width(static_cast<uint64_t>(m)) - 1)]);
   } else {
   try {
     auto& ctx = Context();
