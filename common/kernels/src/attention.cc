@@ -4,7 +4,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -571,7 +570,7 @@ __attribute__((target("avx512f"))) void DecodeRange(const PagedKvLayout& kv,
     // and f32 caches slower (0-15%), so they go without.
     const T* next = nullptr;
     if constexpr (std::is_same_v<T, int8_t>) {
-      const int64_t scale_bytes = 2 * static_cast<int64_t>(n_kv) * kv.block_size * 4;
+      const int64_t scale_bytes = kv.scale_bytes();
       if (b == b0) Prefetch(kv.KScales(block, 0), scale_bytes);
       if (b + 1 < b1) {
         next = base + kv.k_offset(seq.block_table[b + 1], 0);
@@ -612,10 +611,13 @@ __attribute__((target("avx512f"))) void DecodeRange(const PagedKvLayout& kv,
         }
       }
     }
-    // Probabilities times V: the block's V in memory order, slot rows of d elements, up to 64
-    // columns at a time so that each row is read whole. (AccumulateSlab does the same sum through
-    // pointer arrays: 5-10% slower here; its 32-column slabs read half a row and come back,
-    // 45% slower with an f32 cache.)
+    // Probabilities times V: the block's V in memory order, slot rows of d elements. Up to two
+    // queries per kv head, 64 columns at a time, so that a row of head_dim 64 is read whole in
+    // one pass (AccumulateSlab does the same sum through pointer arrays: 5-10% slower here; its
+    // 32-column slabs read half a row and come back, 45% slower with an f32 cache). Groups of 4
+    // and 8 take 16 / group vectors per pass, as many as their accumulators leave registers
+    // for, and for 8 that is the 32-column pass again: there the arithmetic per row, not the
+    // re-read from L1, is what costs.
     constexpr int kW = G <= 2 ? 4 : 16 / G;  // 16-column vectors per pass over the rows
     for (int32_t g = 0; g < n_kv; ++g) {
       const T* vg = vb + g * hs;
@@ -624,12 +626,26 @@ __attribute__((target("avx512f"))) void DecodeRange(const PagedKvLayout& kv,
       float* ag = acc + static_cast<int64_t>(g) * G * d;
       int32_t t0 = 0;
       for (; t0 + 16 * kW <= d; t0 += 16 * kW) DecodeV<T, G, kW>(vg, pg, n, d, t0, ag);
-      for (; t0 < d; t0 += 16) DecodeV<T, G, 1>(vg, pg, n, d, t0, ag);
+      // What is left (d is a multiple of 16) in one more pass.
+      const int32_t rest = (d - t0) / 16;
+      if constexpr (kW >= 4) {
+        if (rest == 3) DecodeV<T, G, 3>(vg, pg, n, d, t0, ag);
+      }
+      if constexpr (kW >= 3) {
+        if (rest == 2) DecodeV<T, G, 2>(vg, pg, n, d, t0, ag);
+      }
+      if (rest == 1) DecodeV<T, G, 1>(vg, pg, n, d, t0, ag);
     }
   }
 }
 
 #pragma GCC diagnostic pop
+
+// The decode path's entry for `group` query heads per kv head (1, 2, 4, 8: 0-3), -1 when it has
+// none and the chunked passes serve the step.
+constexpr int DecodeGroupIndex(int32_t group) {
+  return group == 1 ? 0 : group == 2 ? 1 : group == 4 ? 2 : group == 8 ? 3 : -1;
+}
 
 // A decode step's unit of work: blocks [b0, b1) of one sequence, all heads. `part` >= 0 names
 // its slot in the partial results when the sequence is split, -1 when it is whole.
@@ -683,8 +699,7 @@ void DecodeAttention(const float* q, int64_t q_stride, const PagedKvLayout& kv,
            DecodeRange<uint16_t, 8>},
           {DecodeRange<int8_t, 1>, DecodeRange<int8_t, 2>, DecodeRange<int8_t, 4>,
            DecodeRange<int8_t, 8>}};
-      const Fn run = kRanges[static_cast<int>(kv.dtype)][std::countr_zero(
-          static_cast<uint32_t>(group))];
+      const Fn run = kRanges[static_cast<int>(kv.dtype)][DecodeGroupIndex(group)];
       run(kv, seq, it.b0, it.b1, qs, m, l, acc, p);
       if (it.part < 0) {
         float* o = out + seq.row_begin * out_stride;
@@ -744,7 +759,7 @@ void PagedAttention(const float* q, int64_t q_stride, const PagedKvLayout& kv,
   const int32_t bs = kv.block_size;
   const int32_t tile_rows = std::max(1, 32 / group);
   const bool wide = bs == 16 && d % 16 == 0 && HasAvx512();
-  bool decode = wide && (group == 1 || group == 2 || group == 4 || group == 8);
+  bool decode = wide && DecodeGroupIndex(group) >= 0;
   for (int32_t s = 0; s < n_seqs && decode; ++s) decode = seqs[s].n_new == 1;
   if (decode) {
     DecodeAttention(q, q_stride, kv, seqs, n_seqs, n_heads, scale, out, out_stride);

@@ -63,10 +63,7 @@ constexpr ChunkFn kChunks[2][7] = {
     {nullptr, Chunk<1, true>, Chunk<2, true>, Chunk<3, true>, Chunk<4, true>, Chunk<5, true>,
      Chunk<6, true>}};
 
-double Seconds() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
+using Clock = std::chrono::steady_clock;
 
 }  // namespace
 
@@ -75,11 +72,15 @@ void GemvSplit::Bounds(int nt, int64_t n_blocks, int64_t* bounds) {
     nt_ = nt;
     for (int t = 0; t < nt; ++t) share_[t] = 1.0 / nt;
   }
+  // Every thread gets at least one block when there are enough (a thread without blocks would
+  // go unmeasured, and its share would never move again).
+  const int64_t least = n_blocks >= nt ? 1 : 0;
   double cum = 0;
   bounds[0] = 0;
   for (int t = 1; t < nt; ++t) {
     cum += share_[t - 1];
-    bounds[t] = std::clamp<int64_t>(std::llround(cum * n_blocks), bounds[t - 1], n_blocks);
+    const int64_t lo = bounds[t - 1] + least, hi = n_blocks - least * (nt - t);
+    bounds[t] = std::clamp<int64_t>(std::llround(cum * n_blocks), lo, std::max(lo, hi));
   }
   bounds[nt] = n_blocks;
 }
@@ -92,13 +93,14 @@ void GemvSplit::Update(int nt, const int64_t* bounds, const double* seconds) {
   for (int t = 0; t < nt; ++t) {
     const int64_t blocks = bounds[t + 1] - bounds[t];
     rate[t] = blocks > 0 && seconds[t] > 0 ? blocks / seconds[t] : 0;
+    if (!std::isfinite(rate[t])) rate[t] = 0;  // a time too small to divide by: unmeasured
     if (rate[t] > 0) {
       measured += rate[t];
     } else {
       unmeasured_share += share_[t];
     }
   }
-  if (measured <= 0) return;
+  if (!(measured > 0) || !std::isfinite(measured)) return;
   double total = 0;
   for (int t = 0; t < nt; ++t) {
     if (rate[t] > 0) {
@@ -166,7 +168,7 @@ void GemvBf16(const uint16_t* x, int64_t m, int64_t kp, const uint16_t* w, int64
     const int nt = omp_get_num_threads(), t = omp_get_thread_num();
     const bool planned = steer && nt == nt_want;
     if (steer && !planned && t == 0) as_planned = false;
-    const double t_begin = planned ? Seconds() : 0;
+    const Clock::time_point t_begin = planned ? Clock::now() : Clock::time_point{};
     const int64_t nb0 = planned ? bounds[t] : n_blocks * t / nt;
     const int64_t nb1 = planned ? bounds[t + 1] : n_blocks * (t + 1) / nt;
     const int64_t stream_end = nb1 * block_elems;  // end of this thread's weights (elements)
@@ -203,7 +205,7 @@ void GemvBf16(const uint16_t* x, int64_t m, int64_t kp, const uint16_t* w, int64
         for (int64_t r = 0; r < m; ++r)
           std::copy(last + r * 64, last + r * 64 + n_cols, y + r * n + nb * 64);
     }
-    if (planned) busy[t] = Seconds() - t_begin;
+    if (planned) busy[t] = std::chrono::duration<double>(Clock::now() - t_begin).count();
   }
   if (as_planned) split->Update(nt_want, bounds, busy);
 }

@@ -11,18 +11,20 @@ namespace duet::kernels {
 bool HasAvx512Bf16();
 
 // How one matrix's N-blocks are split between the threads: each thread's share, steered after
-// every call toward equal finishing times. The threads of a 2-core VM do not stream one matrix's
-// halves equally fast (measured in the model: one half 10-20% slower, the same half call after
-// call), and with a fixed even split the faster thread waits at the barrier. Not thread-safe:
-// one per matrix and size class, as Linear keeps them.
+// every call toward equal busy times (each thread's time from its own start in the parallel
+// region to its end; a late start is not seen). The threads of a 2-core VM do not stream one
+// matrix's halves equally fast (measured in the model: one half 10-20% slower, the same half call
+// after call), and with a fixed even split the faster thread waits at the barrier. Not
+// thread-safe: one per matrix and size class, as Linear keeps them.
 class GemvSplit {
  public:
   static constexpr int kMaxThreads = 16;
-  // First N-block of each of nt threads, and n_blocks at bounds[nt].
+  // First N-block of each of nt threads, and n_blocks at bounds[nt]; at least one block each
+  // when n_blocks >= nt. A new nt starts from even shares.
   void Bounds(int nt, int64_t n_blocks, int64_t* bounds);
   // After a call with those bounds: each thread's busy seconds.
   void Update(int nt, const int64_t* bounds, const double* seconds);
-  // Thread t's current share (for tests), 1/nt before the first update.
+  // Thread t's current share (for tests): 1/nt from the first Bounds until the first Update.
   double share(int t) const { return share_[t]; }
 
  private:
@@ -34,8 +36,10 @@ class GemvSplit {
 // w: BA16a64b2a over (K, N): blocks of 32 K x 64 N, N-blocks outermost, each block stored as
 //    [16 k-pairs][64 n][2]; padded to Kp = ceil(K/32)*32, Np = ceil(N/64)*64 with zeros.
 // x: bf16 [M, Kp] with zero padding past K; y: f32 [M, N] (row stride N).
-// Runs on the OpenMP pool, splitting N-blocks between threads: contiguous ranges, by `split`
-// when given (and updated) and evenly otherwise.
+// Runs on the OpenMP pool, splitting N-blocks between threads in contiguous ranges: by `split`
+// (which the call then updates) when it is given and the pool has 2 to kMaxThreads threads,
+// evenly otherwise (no split, one thread, more than kMaxThreads, or a team smaller than
+// omp_get_max_threads()).
 void GemvBf16(const uint16_t* x, int64_t m, int64_t kp, const uint16_t* w, int64_t n,
               float* y, GemvSplit* split = nullptr);
 

@@ -1,5 +1,7 @@
 #include "duet/kernels/linear.h"
 
+#include <omp.h>
+
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <random>
@@ -124,6 +126,29 @@ TEST_CASE("GemvSplit starts even and moves work toward the faster thread", "[lin
   CHECK(split.share(0) == before);
   split.Update(3, b, zero);  // a call planned for another thread count is ignored
   CHECK(split.share(0) == before);
+
+  // A time too small to divide by (a subnormal) counts as no measurement, not as infinite speed.
+  split.Bounds(2, 300, b);
+  const double tiny[2] = {1e-310, 1e-6};
+  split.Update(2, b, tiny);
+  CHECK(std::isfinite(split.share(0)));
+  CHECK(split.share(0) + split.share(1) == Approx(1.0));
+
+  // Every thread keeps at least one block when there are as many blocks as threads, even at the
+  // floor (0.875 of 4 blocks would round to all 4).
+  split.Bounds(2, 4, b);
+  CHECK((b[1] >= 1 && b[1] <= 3 && b[2] == 4));
+
+  // Three threads over two blocks: the one without a block keeps its share; the two measured
+  // ones move toward their speeds within what is left.
+  duet::kernels::GemvSplit three;
+  three.Bounds(3, 2, b);
+  REQUIRE((b[0] == 0 && b[1] == 1 && b[2] == 1 && b[3] == 2));
+  const double t3[3] = {1e-6, 0, 2e-6};
+  three.Update(3, b, t3);
+  CHECK(three.share(1) == Approx(1.0 / 3));
+  CHECK(three.share(0) == Approx(1.0 / 3 + 0.25 * (2.0 / 3 * 2 / 3 - 1.0 / 3)));
+  CHECK(three.share(2) == Approx(1.0 / 3 + 0.25 * (2.0 / 3 / 3 - 1.0 / 3)));
 }
 
 TEST_CASE("GemvBf16 gives the same bits however the columns are split", "[linear]") {
@@ -150,13 +175,20 @@ TEST_CASE("GemvBf16 gives the same bits however the columns are split", "[linear
     duet::kernels::GemvBf16(xb.data(), M, kp, packed.data(), N, even.data());
     duet::kernels::GemvSplit split;
     int64_t b[duet::kernels::GemvSplit::kMaxThreads + 1];
-    const int nt = 2;
+    const int nt = 2;  // the pool below has exactly two threads, so the split is used
     for (int call = 0; call < 40; ++call) {  // thread 1 "slow": nearly all blocks go to thread 0
       split.Bounds(nt, 16, b);
       const double seconds[2] = {1e-6 * (b[1] - b[0]), 1.0};
       split.Update(nt, b, seconds);
     }
+    split.Bounds(nt, 16, b);
+    REQUIRE(b[1] == 14);
+    const double trained = split.share(0);
+    const int threads_before = omp_get_max_threads();
+    omp_set_num_threads(nt);
     duet::kernels::GemvBf16(xb.data(), M, kp, packed.data(), N, skewed.data(), &split);
+    omp_set_num_threads(threads_before);
+    CHECK(split.share(0) != trained);  // the call ran with the split's bounds and updated it
     duet::kernels::reference::Matmul(RoundBf16(x).data(), RoundBf16(w).data(), nullptr, M, K, N,
                                      ref.data());
     for (int64_t i = 0; i < M * N; ++i) {

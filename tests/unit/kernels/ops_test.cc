@@ -269,8 +269,8 @@ TEST_CASE("PagedAttention at real shapes equals dense causal attention", "[atten
 
 // A decode step (one new row per sequence) has its own path for 1, 2, 4 or 8 query heads per kv
 // head: one pass over each block in memory order, and a long context split across threads with
-// the partial softmaxes merged. Head dims 48 and 80 leave column tails past the path's 64- or
-// 32-column passes; 3 heads per kv head take the general path.
+// the partial softmaxes merged. Head dims 48, 80 and 96 leave column tails of 16, 32 or 48 past
+// the path's 64- or 32-column passes; 3 heads per kv head take the general path.
 TEST_CASE("PagedAttention of a decode step equals dense causal attention", "[attention]") {
   const std::vector<std::vector<SeqSpec>> batches = {
       {{0, 1}},                                            // a first token
@@ -283,6 +283,7 @@ TEST_CASE("PagedAttention of a decode step equals dense causal attention", "[att
          {std::tuple{64, 12, 12}, std::tuple{32, 4, 2}, std::tuple{128, 4, 4},
           std::tuple{80, 6, 3}, std::tuple{64, 8, 2}, std::tuple{64, 32, 4},
           std::tuple{80, 16, 2}, std::tuple{48, 8, 2}, std::tuple{80, 8, 2},
+          std::tuple{48, 16, 2}, std::tuple{48, 4, 4}, std::tuple{96, 4, 2},
           std::tuple{64, 6, 2}}) {
       for (size_t b = 0; b < batches.size(); ++b) {
         INFO("cache " << Name(dtype) << ", head_dim " << d << ", " << n_heads << " heads, "

@@ -22,10 +22,13 @@ inline size_t KvDtypeSize(KvDtype t) {
 
 // Elements of `t` that one layer of one block takes: K and V, and for int8 the K and V scales
 // after them (n_kv_heads x block_size f32 each, counted in int8 elements, i.e. bytes).
+inline int64_t KvScaleBytes(int32_t n_kv_heads, int32_t block_size) {  // int8: K and V scales
+  return 2 * int64_t{n_kv_heads} * block_size * static_cast<int64_t>(sizeof(float));
+}
 inline int64_t KvLayerBlockElements(KvDtype t, int32_t n_kv_heads, int32_t block_size,
                                     int32_t head_dim) {
   const int64_t kv = 2 * int64_t{n_kv_heads} * block_size * head_dim;
-  return t == KvDtype::kI8 ? kv + 2 * int64_t{n_kv_heads} * block_size * 4 : kv;
+  return t == KvDtype::kI8 ? kv + KvScaleBytes(n_kv_heads, block_size) : kv;
 }
 
 // Where one layer's K and V live in a block pool: layer_offset + block * block_stride holds the
@@ -53,6 +56,8 @@ struct PagedKvLayout {
     return k_offset(block, kv_head) + v_offset() + static_cast<int64_t>(slot) * head_dim;
   }
   int64_t scale_offset() const { return 2 * v_offset(); }
+  // int8 only: bytes of one layer's K and V scales in a block (after its V).
+  int64_t scale_bytes() const { return KvScaleBytes(n_kv_heads, block_size); }
   // int8 only: the block_size scales of one kv head's K (or V) in a block, one per slot.
   float* KScales(int32_t block, int32_t kv_head) const {
     return reinterpret_cast<float*>(static_cast<int8_t*>(base) + k_offset(block, 0) +
