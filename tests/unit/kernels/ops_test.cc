@@ -283,7 +283,7 @@ TEST_CASE("PagedAttention of a decode step equals dense causal attention", "[att
          {std::tuple{64, 12, 12}, std::tuple{32, 4, 2}, std::tuple{128, 4, 4},
           std::tuple{80, 6, 3}, std::tuple{64, 8, 2}, std::tuple{64, 32, 4},
           std::tuple{80, 16, 2}, std::tuple{48, 8, 2}, std::tuple{80, 8, 2},
-          std::tuple{48, 16, 2}, std::tuple{48, 4, 4}, std::tuple{96, 4, 2},
+          std::tuple{48, 16, 2}, std::tuple{48, 4, 4}, std::tuple{96, 4, 2}, std::tuple{16, 16, 2},
           std::tuple{64, 6, 2}}) {
       for (size_t b = 0; b < batches.size(); ++b) {
         INFO("cache " << Name(dtype) << ", head_dim " << d << ", " << n_heads << " heads, "
