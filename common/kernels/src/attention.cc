@@ -509,11 +509,11 @@ template <typename T, int G, int W>
 __attribute__((target("avx512f"))) inline void DecodeV(const T* vg, const float* p, int32_t n,
                                                        int32_t d, int32_t t0, float* acc) {
   constexpr bool kTwoChains = G <= 2;
-  __m512 x[G][W], y[G][W];
+  __m512 x[G][W], y[kTwoChains ? G : 1][kTwoChains ? W : 1];  // y: the odd rows' chains
   for (int i = 0; i < G; ++i)
     for (int w = 0; w < W; ++w) {
       x[i][w] = _mm512_loadu_ps(acc + i * d + t0 + 16 * w);
-      y[i][w] = _mm512_setzero_ps();
+      if constexpr (kTwoChains) y[i][w] = _mm512_setzero_ps();
     }
   int32_t j = 0;
   if constexpr (kTwoChains) {

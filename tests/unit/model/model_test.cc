@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "golden.h"
+#include "invariants.h"
 
 using duet::kernels::Precision;
 using duet::kv::BlockPool;
@@ -182,29 +183,7 @@ TEST_CASE("prefill-then-decode equals full recomputation at every step (f32, 1e-
     SECTION(std::string(name) + " " + duet::model::KvCacheDtypeName(cache) + " cache") {
       auto m = LoadModel(name, Precision::kF32, cache);
       auto pool = PoolFor(*m, 4);
-      const auto g = LoadGolden(name);
-      const int32_t V = m->config().n_vocab;
-      const auto& t = g.token_ids;
-      const size_t n_prompt = 7;
-      SequenceKv kv(pool.get());
-      REQUIRE(kv.Reserve(static_cast<int32_t>(t.size())).ok());
-      std::vector<float> logits;
-      std::vector<int32_t> prompt(t.begin(), t.begin() + n_prompt);
-      BatchItem prefill{prompt, &kv, false};
-      REQUIRE(m->Forward({&prefill, 1}, &logits).ok());
-      for (size_t i = n_prompt; i <= t.size(); ++i) {
-        // Full recomputation over t[0..i) in a fresh cache.
-        std::vector<int32_t> prefix(t.begin(), t.begin() + i);
-        const auto full = FullLogits(*m, *pool, prefix);
-        const float* last = full.data() + (i - 1) * V;
-        double d = 0;
-        for (int32_t v = 0; v < V; ++v) d = std::max(d, double{std::fabs(last[v] - logits[v])});
-        INFO("step with " << i << " tokens: max |d| = " << d);
-        REQUIRE(d <= 1e-4);
-        if (i == t.size()) break;
-        BatchItem step{std::span<const int32_t>(&t[i], 1), &kv, false};
-        REQUIRE(m->Forward({&step, 1}, &logits).ok());
-      }
+      duet::testing::CheckDecodeEqualsRecompute(*m, *pool, LoadGolden(name).token_ids, 7, 1e-4);
     }
   }
 }
@@ -218,39 +197,13 @@ TEST_CASE("a batched decode step equals the same sequences decoded one by one (f
       auto m = LoadModel(name, Precision::kF32, cache);
       auto pool = PoolFor(*m, 4);
       const auto g = LoadGolden(name);
-      const int32_t V = m->config().n_vocab;
       // Sequences of different lengths built from the golden tokens.
-      const std::vector<size_t> lengths = {3, 11, 6, 17, 1};
-      std::vector<SequenceKv> batched, single;
-      std::vector<float> logits;
-      for (size_t len : lengths) {
-        std::vector<int32_t> prompt(g.token_ids.begin(), g.token_ids.begin() + len);
-        for (auto* group : {&batched, &single}) {
-          group->emplace_back(pool.get());
-          REQUIRE(group->back().Reserve(static_cast<int32_t>(len + 3)).ok());
-          BatchItem item{prompt, &group->back(), false};
-          REQUIRE(m->Forward({&item, 1}, &logits).ok());
-        }
-      }
-      for (int step = 0; step < 3; ++step) {
-        std::vector<int32_t> next(lengths.size());
-        for (size_t s = 0; s < lengths.size(); ++s) next[s] = g.token_ids[(s * 5 + step) % 20];
-        std::vector<BatchItem> items;
-        for (size_t s = 0; s < lengths.size(); ++s)
-          items.push_back({std::span<const int32_t>(&next[s], 1), &batched[s], false});
-        std::vector<float> batch_logits;
-        REQUIRE(m->Forward(items, &batch_logits).ok());
-        REQUIRE(batch_logits.size() == lengths.size() * V);
-        for (size_t s = 0; s < lengths.size(); ++s) {
-          BatchItem one{std::span<const int32_t>(&next[s], 1), &single[s], false};
-          REQUIRE(m->Forward({&one, 1}, &logits).ok());
-          double d = 0;
-          for (int32_t v = 0; v < V; ++v)
-            d = std::max(d, double{std::fabs(logits[v] - batch_logits[s * V + v])});
-          INFO("sequence " << s << " step " << step << " max |d| = " << d);
-          REQUIRE(d <= 1e-4);
-        }
-      }
+      std::vector<std::vector<int32_t>> prompts;
+      for (size_t len : {3, 11, 6, 17, 1})
+        prompts.emplace_back(g.token_ids.begin(), g.token_ids.begin() + len);
+      duet::testing::CheckBatchedEqualsOneByOne(
+          *m, *pool, prompts,
+          [&](size_t s, int step) { return g.token_ids[(s * 5 + step) % 20]; }, 1e-4);
     }
   }
 }

@@ -12,14 +12,13 @@
 #include <vector>
 
 #include "duet/model/model.h"
+#include "invariants.h"
 #include "random_model.h"  // tools/duet: the benchmarks' random-weight checkpoints
 
 namespace fs = std::filesystem;
 using duet::kernels::KvDtype;
 using duet::kernels::Precision;
 using duet::kv::BlockPool;
-using duet::kv::SequenceKv;
-using duet::model::BatchItem;
 using duet::model::Model;
 using nlohmann::json;
 
@@ -76,22 +75,6 @@ std::vector<int32_t> Tokens(size_t n, uint32_t seed) {
   return t;
 }
 
-// Logits of the last position after one forward over all of `tokens` in a fresh cache.
-std::vector<float> Recomputed(Model& m, BlockPool& pool, const std::vector<int32_t>& tokens) {
-  SequenceKv kv(&pool);
-  REQUIRE(kv.Reserve(static_cast<int32_t>(tokens.size())).ok());
-  std::vector<float> logits;
-  BatchItem item{tokens, &kv, false};
-  REQUIRE(m.Forward({&item, 1}, &logits).ok());
-  return logits;
-}
-
-double MaxDiff(const std::vector<float>& a, const float* b) {
-  double d = 0;
-  for (size_t i = 0; i < a.size(); ++i) d = std::max(d, double{std::fabs(a[i] - b[i])});
-  return d;
-}
-
 // Prefill and a decode step compute a position's K and V in a different order (the chunked
 // passes against the decode path, matmuls of different M), so in f32 they agree to ~1e-6. A
 // cache that rounds turns that into a difference only where a value sits within an ulp of a
@@ -103,12 +86,6 @@ double MaxDiff(const std::vector<float>& a, const float* b) {
 // and more.
 double Tolerance(KvDtype cache) { return cache == KvDtype::kI8 ? 1e-3 : 1e-4; }
 
-double MaxAbs(const std::vector<float>& a) {
-  double d = 0;
-  for (float x : a) d = std::max(d, double{std::fabs(x)});
-  return d;
-}
-
 }  // namespace
 
 TEST_CASE("at serving head sizes, prefill-then-decode equals recomputation (f32, 1e-4)",
@@ -119,33 +96,13 @@ TEST_CASE("at serving head sizes, prefill-then-decode equals recomputation (f32,
         auto m = Write(c, cache, "prefill-then-decode");
         auto pool = BlockPool::Create(m->kv_shape(16), 64);
         REQUIRE(pool.ok());
-        // 7 prompt tokens, then one token per step across two block edges (16, 32).
-        const auto t = Tokens(40, 1);
-        SequenceKv kv(pool->get());
-        REQUIRE(kv.Reserve(40).ok());
-        std::vector<float> logits;
-        std::vector<int32_t> prompt(t.begin(), t.begin() + 7);
-        BatchItem prefill{prompt, &kv, false};
-        REQUIRE(m->Forward({&prefill, 1}, &logits).ok());
-        for (size_t i = 7; i <= t.size(); ++i) {
-          const auto full = Recomputed(*m, **pool, {t.begin(), t.begin() + i});
-          INFO("step with " << i << " tokens");
-          REQUIRE(MaxDiff(full, logits.data()) <= Tolerance(cache));
-          REQUIRE(MaxAbs(full) > 1e-2);  // logits that carry the weights, not zeros
-          if (i == t.size()) break;
-          BatchItem step{std::span<const int32_t>(&t[i], 1), &kv, false};
-          REQUIRE(m->Forward({&step, 1}, &logits).ok());
-        }
+        // 7 prompt tokens, then one token per step across two block edges (16, 32); the logits
+        // carry the weights (not all near zero).
+        REQUIRE(duet::testing::CheckDecodeEqualsRecompute(*m, **pool, Tokens(40, 1), 7,
+                                                          Tolerance(cache)) > 1e-2);
         // One long context, whose decode step is split across threads and merged.
-        const auto u = Tokens(301, 2);
-        SequenceKv long_kv(pool->get());
-        REQUIRE(long_kv.Reserve(301).ok());
-        std::vector<int32_t> long_prompt(u.begin(), u.end() - 1);
-        BatchItem long_prefill{long_prompt, &long_kv, false};
-        REQUIRE(m->Forward({&long_prefill, 1}, &logits).ok());
-        BatchItem last{std::span<const int32_t>(&u.back(), 1), &long_kv, false};
-        REQUIRE(m->Forward({&last, 1}, &logits).ok());
-        REQUIRE(MaxDiff(Recomputed(*m, **pool, u), logits.data()) <= Tolerance(cache));
+        duet::testing::CheckDecodeEqualsRecompute(*m, **pool, Tokens(301, 2), 300,
+                                                  Tolerance(cache));
       }
     }
   }
@@ -159,36 +116,13 @@ TEST_CASE("at serving head sizes, a batched decode step equals one by one (f32, 
         auto m = Write(c, cache, "batched-decode");
         auto pool = BlockPool::Create(m->kv_shape(16), 64);
         REQUIRE(pool.ok());
-        const int32_t V = m->config().n_vocab;
-        const std::vector<size_t> lengths = {3, 17, 16, 33, 1};
-        std::vector<SequenceKv> batched, single;
-        std::vector<float> logits;
-        for (size_t s = 0; s < lengths.size(); ++s) {
-          const auto prompt = Tokens(lengths[s], 10 + static_cast<uint32_t>(s));
-          for (auto* group : {&batched, &single}) {
-            group->emplace_back(pool->get());
-            REQUIRE(group->back().Reserve(static_cast<int32_t>(lengths[s] + 3)).ok());
-            BatchItem item{prompt, &group->back(), false};
-            REQUIRE(m->Forward({&item, 1}, &logits).ok());
-          }
-        }
-        for (int step = 0; step < 3; ++step) {
-          std::vector<int32_t> next(lengths.size());
-          for (size_t s = 0; s < lengths.size(); ++s)
-            next[s] = static_cast<int32_t>((s * 29 + step * 7 + 3) % 96);
-          std::vector<BatchItem> items;
-          for (size_t s = 0; s < lengths.size(); ++s)
-            items.push_back({std::span<const int32_t>(&next[s], 1), &batched[s], false});
-          std::vector<float> batch_logits;
-          REQUIRE(m->Forward(items, &batch_logits).ok());
-          REQUIRE(batch_logits.size() == lengths.size() * V);
-          for (size_t s = 0; s < lengths.size(); ++s) {
-            BatchItem one{std::span<const int32_t>(&next[s], 1), &single[s], false};
-            REQUIRE(m->Forward({&one, 1}, &logits).ok());
-            INFO("sequence " << s << " step " << step);
-            REQUIRE(MaxDiff(logits, batch_logits.data() + s * V) <= Tolerance(cache));
-          }
-        }
+        std::vector<std::vector<int32_t>> prompts;
+        uint32_t seed = 10;
+        for (size_t len : {3, 17, 16, 33, 1}) prompts.push_back(Tokens(len, seed++));
+        duet::testing::CheckBatchedEqualsOneByOne(
+            *m, **pool, prompts,
+            [](size_t s, int step) { return static_cast<int32_t>((s * 29 + step * 7 + 3) % 96); },
+            Tolerance(cache));
       }
     }
   }
