@@ -1,16 +1,33 @@
 #include "gemv_bf16.h"
 
+#include <cpuid.h>
 #include <immintrin.h>
 #include <omp.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 
 namespace duet::kernels {
 
 bool HasAvx512Bf16() {
   static const bool has = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+  return has;
+}
+
+bool HasAmxBf16() {
+  static const bool has = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d) == 0) return false;
+    if (((d >> 22) & 1) == 0 || ((d >> 24) & 1) == 0) return false;  // AMX-BF16, AMX-TILE
+    // Linux hands out the tile registers' state only on request (ARCH_REQ_XCOMP_PERM for
+    // XFEATURE_XTILEDATA); process-wide, and granted again if oneDNN already asked.
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
   return has;
 }
 
@@ -129,15 +146,37 @@ void GemvSplit::Update(int nt, const int64_t* bounds, const double* seconds) {
   }
 }
 
-void GemvBf16(const uint16_t* x, int64_t m, int64_t kp, const uint16_t* w, int64_t n, float* y,
-              GemvSplit* split) {
-  const int64_t n_blocks = (n + 63) / 64;
-  const int64_t block_elems = kp * 64;  // one N-block: all of K for 64 columns
-  if (m > kMaxRows) {  // Linear sends at most 16 rows; more run as groups of 16
-    for (int64_t r0 = 0; r0 < m; r0 += kMaxRows)
-      GemvBf16(x + r0 * kp, std::min(kMaxRows, m - r0), kp, w, n, y + r0 * n, split);
-    return;
+namespace {
+
+// Runs body(nb0, nb1) on every thread of the OpenMP pool, each over a contiguous range of the
+// n_blocks N-blocks (one stretch of the weights per thread): by `split` when it is given and the
+// pool has 2 to kMaxThreads threads (then timed, and the split updated), evenly otherwise.
+template <typename Body>
+void ForEachThreadRange(int64_t n_blocks, GemvSplit* split, const Body& body) {
+  const int nt_want = omp_get_max_threads();
+  const bool steer = split != nullptr && nt_want >= 2 && nt_want <= GemvSplit::kMaxThreads;
+  int64_t bounds[GemvSplit::kMaxThreads + 1];
+  double busy[GemvSplit::kMaxThreads] = {};
+  bool as_planned = steer;
+  if (steer) split->Bounds(nt_want, n_blocks, bounds);
+#pragma omp parallel
+  {
+    const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+    const bool planned = steer && nt == nt_want;
+    if (steer && !planned && t == 0) as_planned = false;
+    const Clock::time_point t_begin = planned ? Clock::now() : Clock::time_point{};
+    const int64_t nb0 = planned ? bounds[t] : n_blocks * t / nt;
+    const int64_t nb1 = planned ? bounds[t + 1] : n_blocks * (t + 1) / nt;
+    body(nb0, nb1);
+    if (planned) busy[t] = std::chrono::duration<double>(Clock::now() - t_begin).count();
   }
+  if (as_planned) split->Update(nt_want, bounds, busy);
+}
+
+// GemvBf16 over N-blocks [nb0, nb1), m <= kMaxRows.
+void GemvRange(const uint16_t* x, int64_t m, int64_t kp, const uint16_t* w, int64_t n, float* y,
+               int64_t nb0, int64_t nb1) {
+  const int64_t block_elems = kp * 64;  // one N-block: all of K for 64 columns
   // Each N-block's K is split into chunks of kKc k-pairs; every row chunk (<= 6 rows, 4 x rows
   // accumulators) runs over one K-chunk before the next, with the partial sums of all rows in a
   // per-thread tile. The first row chunk reads the K-chunk from memory (prefetched), the others
@@ -154,60 +193,136 @@ void GemvBf16(const uint16_t* x, int64_t m, int64_t kp, const uint16_t* w, int64
   }
   const int64_t pairs = kp / 2;
   const auto* x32 = reinterpret_cast<const int32_t*>(x);
-  // Contiguous ranges of N-blocks: each thread reads one stretch of the weights.
-  const int nt_want = omp_get_max_threads();
-  const bool steer = split != nullptr && nt_want >= 2 && nt_want <= GemvSplit::kMaxThreads;
-  int64_t bounds[GemvSplit::kMaxThreads + 1];
-  double busy[GemvSplit::kMaxThreads] = {};
-  bool as_planned = steer;
-  if (steer) split->Bounds(nt_want, n_blocks, bounds);
-#pragma omp parallel
-  {
-    alignas(64) float tile[kMaxRows * 64];  // partial sums, [row][64 columns]
-    alignas(64) float last[kMaxRows * 64];  // final sums of a partial N-block (< 64 columns)
-    const int nt = omp_get_num_threads(), t = omp_get_thread_num();
-    const bool planned = steer && nt == nt_want;
-    if (steer && !planned && t == 0) as_planned = false;
-    const Clock::time_point t_begin = planned ? Clock::now() : Clock::time_point{};
-    const int64_t nb0 = planned ? bounds[t] : n_blocks * t / nt;
-    const int64_t nb1 = planned ? bounds[t + 1] : n_blocks * (t + 1) / nt;
-    const int64_t stream_end = nb1 * block_elems;  // end of this thread's weights (elements)
-    for (int64_t nb = nb0; nb < nb1; ++nb) {
-      const uint16_t* wb = w + nb * block_elems;
-      const int64_t n_cols = std::min<int64_t>(64, n - nb * 64);
-      for (int64_t p0 = 0; p0 < pairs; p0 += kKc) {
-        const int64_t np = std::min(kKc, pairs - p0);
-        const bool first = p0 == 0, final_chunk = p0 + np == pairs;
-        // N-blocks are contiguous, so "one K-chunk ahead" runs on into the next N-block; the
-        // chunk's lines are split between the row chunks.
-        const int64_t pf_at = nb * block_elems + (p0 + kKc) * 128;
-        const int64_t lines = std::clamp<int64_t>((stream_end - pf_at) / 32, 0, np * 4);
-        const char* pf = reinterpret_cast<const char*>(w + std::min(pf_at, stream_end));
-        const int64_t per_chunk = (lines + n_chunks - 1) / n_chunks;
-        const int64_t lpi = (per_chunk + np - 1) / np;
-        for (int64_t c = 0; c < n_chunks; ++c) {
-          const int64_t r0 = chunk_r0[c];
-          float* out = tile + r0 * 64;
-          int64_t ld = 64;
-          if (final_chunk && n_cols == 64) {
-            out = y + r0 * n + nb * 64;
-            ld = n;
-          } else if (final_chunk) {
-            out = last + r0 * 64;
-          }
-          const int64_t pf_lines = std::clamp<int64_t>(lines - c * per_chunk, 0, per_chunk);
-          kChunks[first][chunk_rows[c]](x32 + r0 * pairs + p0, pairs, wb + p0 * 128, np,
-                                        tile + r0 * 64, out, ld, pf + c * per_chunk * 64,
-                                        pf_lines, lpi);
+  alignas(64) float tile[kMaxRows * 64];  // partial sums, [row][64 columns]
+  alignas(64) float last[kMaxRows * 64];  // final sums of a partial N-block (< 64 columns)
+  const int64_t stream_end = nb1 * block_elems;  // end of this thread's weights (elements)
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    const uint16_t* wb = w + nb * block_elems;
+    const int64_t n_cols = std::min<int64_t>(64, n - nb * 64);
+    for (int64_t p0 = 0; p0 < pairs; p0 += kKc) {
+      const int64_t np = std::min(kKc, pairs - p0);
+      const bool first = p0 == 0, final_chunk = p0 + np == pairs;
+      // N-blocks are contiguous, so "one K-chunk ahead" runs on into the next N-block; the
+      // chunk's lines are split between the row chunks.
+      const int64_t pf_at = nb * block_elems + (p0 + kKc) * 128;
+      const int64_t lines = std::clamp<int64_t>((stream_end - pf_at) / 32, 0, np * 4);
+      const char* pf = reinterpret_cast<const char*>(w + std::min(pf_at, stream_end));
+      const int64_t per_chunk = (lines + n_chunks - 1) / n_chunks;
+      const int64_t lpi = (per_chunk + np - 1) / np;
+      for (int64_t c = 0; c < n_chunks; ++c) {
+        const int64_t r0 = chunk_r0[c];
+        float* out = tile + r0 * 64;
+        int64_t ld = 64;
+        if (final_chunk && n_cols == 64) {
+          out = y + r0 * n + nb * 64;
+          ld = n;
+        } else if (final_chunk) {
+          out = last + r0 * 64;
         }
+        const int64_t pf_lines = std::clamp<int64_t>(lines - c * per_chunk, 0, per_chunk);
+        kChunks[first][chunk_rows[c]](x32 + r0 * pairs + p0, pairs, wb + p0 * 128, np,
+                                      tile + r0 * 64, out, ld, pf + c * per_chunk * 64, pf_lines,
+                                      lpi);
       }
-      if (n_cols < 64)
-        for (int64_t r = 0; r < m; ++r)
-          std::copy(last + r * 64, last + r * 64 + n_cols, y + r * n + nb * 64);
     }
-    if (planned) busy[t] = std::chrono::duration<double>(Clock::now() - t_begin).count();
+    if (n_cols < 64)
+      for (int64_t r = 0; r < m; ++r)
+        std::copy(last + r * 64, last + r * 64 + n_cols, y + r * n + nb * 64);
   }
-  if (as_planned) split->Update(nt_want, bounds, busy);
+}
+
+// The tile configuration (palette 1) AmxRange uses: tiles 0-3 hold the m x 64 f32 sums of one
+// N-block (m x 16 each), tile 4 the m x 32 bf16 rows of x for one K-block, tiles 5 and 6 the
+// weights of one K-block for 16 columns (16 k-pairs x 16 columns x 2).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};  // bytes per row
+  uint8_t rows[16] = {};
+};
+
+// How far ahead of the tile loads AmxRange prefetches the weights: 16 KB, four K-blocks (on a
+// 2-core Xeon with AMX, from DRAM: 8-16 KB ahead into L1 streamed 26-28 GB/s, 32-64 KB 23-25,
+// prefetching into L2 instead 23-24).
+constexpr int64_t kAmxPrefetchBytes = 16384;
+
+// GemmAmxBf16 over N-blocks [nb0, nb1), m <= kMaxRows. The weight layout's K-block of one
+// N-block, [16 k-pairs][64 n][2], is four B tiles of 16 columns side by side (row stride 256
+// bytes); x's rows for the K-block are the A tile (row stride kp * 2 bytes).
+__attribute__((target("amx-tile,amx-bf16"))) void AmxRange(const uint16_t* x, int64_t m,
+                                                          int64_t kp, const uint16_t* w,
+                                                          int64_t n, float* y, int64_t nb0,
+                                                          int64_t nb1) {
+  TileConfig cfg;
+  const auto rows = static_cast<uint8_t>(m);
+  for (int t = 0; t < 5; ++t) {
+    cfg.rows[t] = rows;
+    cfg.colsb[t] = 64;
+  }
+  cfg.rows[5] = cfg.rows[6] = 16;
+  cfg.colsb[5] = cfg.colsb[6] = 64;
+  _tile_loadconfig(&cfg);
+  alignas(64) float last[kMaxRows * 64];  // final sums of a partial N-block (< 64 columns)
+  const int64_t block_elems = kp * 64, k_blocks = kp / 32, x_stride = kp * 2;
+  const char* stream_end = reinterpret_cast<const char*>(w + nb1 * block_elems);
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    const uint16_t* wb = w + nb * block_elems;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t kb = 0; kb < k_blocks; ++kb) {
+      const uint16_t* b = wb + kb * 2048;  // 32 K x 64 N bf16: 4 KB
+      const char* pf = reinterpret_cast<const char*>(b) + kAmxPrefetchBytes;
+      if (pf < stream_end)
+        for (int i = 0; i < 4096; i += 64) _mm_prefetch(pf + i, _MM_HINT_T0);
+      _tile_loadd(4, x + kb * 32, x_stride);
+      _tile_loadd(5, b, 256);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_loadd(6, b + 32, 256);
+      _tile_dpbf16ps(1, 4, 6);
+      _tile_loadd(5, b + 64, 256);
+      _tile_dpbf16ps(2, 4, 5);
+      _tile_loadd(6, b + 96, 256);
+      _tile_dpbf16ps(3, 4, 6);
+    }
+    const int64_t n_cols = std::min<int64_t>(64, n - nb * 64);
+    float* out = n_cols == 64 ? y + nb * 64 : last;
+    const int64_t ld = (n_cols == 64 ? n : 64) * 4;
+    _tile_stored(0, out, ld);
+    _tile_stored(1, out + 16, ld);
+    _tile_stored(2, out + 32, ld);
+    _tile_stored(3, out + 48, ld);
+    if (n_cols < 64)
+      for (int64_t r = 0; r < m; ++r)
+        std::memcpy(y + r * n + nb * 64, last + r * 64, n_cols * sizeof(float));
+  }
+  _tile_release();  // the thread gives its tile state back (smaller context switches)
+}
+
+}  // namespace
+
+void GemvBf16(const uint16_t* x, int64_t m, int64_t kp, const uint16_t* w, int64_t n, float* y,
+              GemvSplit* split) {
+  if (m > kMaxRows) {  // Linear sends at most 16 rows; more run as groups of 16
+    for (int64_t r0 = 0; r0 < m; r0 += kMaxRows)
+      GemvBf16(x + r0 * kp, std::min(kMaxRows, m - r0), kp, w, n, y + r0 * n, split);
+    return;
+  }
+  ForEachThreadRange((n + 63) / 64, split, [&](int64_t nb0, int64_t nb1) {
+    GemvRange(x, m, kp, w, n, y, nb0, nb1);
+  });
+}
+
+void GemmAmxBf16(const uint16_t* x, int64_t m, int64_t kp, const uint16_t* w, int64_t n,
+                 float* y, GemvSplit* split) {
+  if (m > kMaxRows) {  // a tile holds 16 rows; more run as groups of 16
+    for (int64_t r0 = 0; r0 < m; r0 += kMaxRows)
+      GemmAmxBf16(x + r0 * kp, std::min(kMaxRows, m - r0), kp, w, n, y + r0 * n, split);
+    return;
+  }
+  ForEachThreadRange((n + 63) / 64, split, [&](int64_t nb0, int64_t nb1) {
+    AmxRange(x, m, kp, w, n, y, nb0, nb1);
+  });
 }
 
 }  // namespace duet::kernels

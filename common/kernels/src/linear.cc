@@ -28,7 +28,8 @@ DnnlContext& Context() {
   return ctx;
 }
 
-// Up to this many rows, bf16 matmuls use GemvBf16 (weights read once for all rows).
+// Up to this many rows, bf16 matmuls use duet's small-M kernels (weights read once for all
+// rows): GemmAmxBf16 where the CPU has AMX, GemvBf16 otherwise.
 constexpr int64_t kGemvMaxM = 16;
 
 }  // namespace
@@ -41,9 +42,11 @@ struct Linear::Impl {
   dnnl::memory weights;             // views weight_storage
   std::vector<float> bias;
   std::vector<uint16_t> x_bf16;  // scratch: x rounded to bf16
-  // Small M (decode) runs duet's own AVX-512-BF16 kernel on the same packed weights when the
-  // layout is BA16a64b2a; kp is K padded to the layout's block.
+  // Small M (decode) runs duet's own kernel on the same packed weights when the layout is
+  // BA16a64b2a (AMX tiles where the CPU has them, AVX-512-BF16 dot products otherwise); kp is
+  // K padded to the layout's block.
   bool use_gemv = false;
+  bool use_amx = false;
   int64_t kp = 0;
   // How the threads share the weights, per size class: M = 1, 2-3, 4-7, 8-16 (how unequal the
   // threads are depends on M: timed at M = 4 and 16 in one run, the slower thread was not the
@@ -100,6 +103,7 @@ absl::StatusOr<std::unique_ptr<Linear>> Linear::Create(int64_t k, int64_t n, con
     if (precision == Precision::kBF16 && HasAvx512Bf16() &&
         impl->weights_desc == dnnl::memory::desc({k, n}, dt::bf16, tag::BA16a64b2a)) {
       impl->use_gemv = true;
+      impl->use_amx = HasAmxBf16();
       impl->kp = impl->weights_desc.data.padded_dims[0];
     } else {
       impl->Get(1);  // build the decode-sized primitive now, not on the first request
@@ -123,8 +127,13 @@ absl::Status Linear::Forward(const float* x, int64_t m, float* y) {
       for (int64_t i = 0; i < im.k; ++i) xr[i] = F32ToBf16(src[i]);
       std::fill(xr + im.k, xr + kp, uint16_t{0});
     }
-    GemvBf16(im.x_bf16.data(), m, kp, static_cast<const uint16_t*>(im.weights.get_data_handle()),
-             im.n, y, &im.split[std::min<int>(3, std::bit_width(static_cast<uint64_t>(m)) - 1)]);
+    const auto* w = static_cast<const uint16_t*>(im.weights.get_data_handle());
+    GemvSplit* split = &im.split[std::min<int>(3, std::bit_width(static_cast<uint64_t>(m)) - 1)];
+    if (im.use_amx) {
+      GemmAmxBf16(im.x_bf16.data(), m, kp, w, im.n, y, split);
+    } else {
+      GemvBf16(im.x_bf16.data(), m, kp, w, im.n, y, split);
+    }
   } else {
   try {
     auto& ctx = Context();

@@ -151,12 +151,11 @@ TEST_CASE("GemvSplit starts even and moves work toward the faster thread", "[lin
   CHECK(three.share(2) == Approx(1.0 / 3 + 0.25 * (2.0 / 3 / 3 - 1.0 / 3)));
 }
 
-TEST_CASE("GemvBf16 gives the same bits however the columns are split", "[linear]") {
-  // Pack a K x N matrix into BA16a64b2a by hand (blocks of 32 K x 64 N, N-blocks outermost, each
-  // block [16 k-pairs][64 n][2], zero padded), run once split evenly and once with thread 0
-  // holding almost every block: each column is summed by one thread either way.
-  const int64_t K = 100, N = 1000, kp = 128, np = 1024;
-  const auto w = Random(K * N, 3);
+namespace {
+// A K x N matrix packed into BA16a64b2a by hand (blocks of 32 K x 64 N, N-blocks outermost, each
+// block [16 k-pairs][64 n][2], zero padded to kp x np).
+std::vector<uint16_t> PackBA16a64b2a(const std::vector<float>& w, int64_t K, int64_t N,
+                                     int64_t kp, int64_t np) {
   std::vector<uint16_t> packed(kp * np, 0);
   for (int64_t k = 0; k < K; ++k)
     for (int64_t n = 0; n < N; ++n) {
@@ -164,36 +163,100 @@ TEST_CASE("GemvBf16 gives the same bits however the columns are split", "[linear
       const int64_t at = nb * kp * 64 + kb * 32 * 64 + pair * 128 + (n % 64) * 2 + k % 2;
       packed[at] = duet::F32ToBf16(w[k * N + n]);
     }
-  if (!duet::kernels::HasAvx512Bf16()) SUCCEED("no AVX-512-BF16: Linear never calls GemvBf16");
-  if (!duet::kernels::HasAvx512Bf16()) return;
-  for (int64_t M : {1, 7, 16}) {
-    const auto x = Random(M * K, 5 + M);
-    std::vector<uint16_t> xb(M * kp, 0);
-    for (int64_t r = 0; r < M; ++r)
-      for (int64_t k = 0; k < K; ++k) xb[r * kp + k] = duet::F32ToBf16(x[r * K + k]);
-    std::vector<float> even(M * N), skewed(M * N), ref(M * N);
-    duet::kernels::GemvBf16(xb.data(), M, kp, packed.data(), N, even.data());
-    duet::kernels::GemvSplit split;
-    int64_t b[duet::kernels::GemvSplit::kMaxThreads + 1];
-    const int nt = 2;  // the pool below has exactly two threads, so the split is used
-    for (int call = 0; call < 40; ++call) {  // thread 1 "slow": nearly all blocks go to thread 0
-      split.Bounds(nt, 16, b);
-      const double seconds[2] = {1e-6 * (b[1] - b[0]), 1.0};
-      split.Update(nt, b, seconds);
+  return packed;
+}
+
+using SmallMKernel = void (*)(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t,
+                              float*, duet::kernels::GemvSplit*);
+struct NamedKernel {
+  const char* name;
+  SmallMKernel run;
+  bool available;
+};
+// Both small-M kernels, each where this CPU can run it (Linear uses GemmAmxBf16 where there is
+// AMX, so on such a machine the Linear tests above do not reach GemvBf16; these do).
+std::vector<NamedKernel> SmallMKernels() {
+  return {{"GemvBf16", duet::kernels::GemvBf16, duet::kernels::HasAvx512Bf16()},
+          {"GemmAmxBf16", duet::kernels::GemmAmxBf16, duet::kernels::HasAmxBf16()}};
+}
+}  // namespace
+
+TEST_CASE("Both small-M kernels equal the reference for every M, with K and N tails",
+          "[linear]") {
+  // K = 70: one partial 32-K block; 300: several and a partial one. N = 130 ends in a partial
+  // 64-column block. M past 16 runs in groups of 16.
+  const int64_t K = GENERATE(70, 300), N = 130;
+  const int64_t kp = (K + 31) / 32 * 32, np = (N + 63) / 64 * 64;
+  const auto w = Random(K * N, 21);
+  const auto packed = PackBA16a64b2a(w, K, N, kp, np);
+  const auto wr = RoundBf16(w);
+  int ran = 0;
+  for (const NamedKernel& kernel : SmallMKernels()) {
+    if (!kernel.available) {
+      WARN(kernel.name << " not run: this CPU lacks its instructions");
+      continue;
     }
-    split.Bounds(nt, 16, b);
-    REQUIRE(b[1] == 14);
-    const double trained = split.share(0);
-    const int threads_before = omp_get_max_threads();
-    omp_set_num_threads(nt);
-    duet::kernels::GemvBf16(xb.data(), M, kp, packed.data(), N, skewed.data(), &split);
-    omp_set_num_threads(threads_before);
-    CHECK(split.share(0) != trained);  // the call ran with the split's bounds and updated it
-    duet::kernels::reference::Matmul(RoundBf16(x).data(), RoundBf16(w).data(), nullptr, M, K, N,
-                                     ref.data());
-    for (int64_t i = 0; i < M * N; ++i) {
-      REQUIRE(skewed[i] == even[i]);
-      REQUIRE(even[i] == Approx(ref[i]).margin(1e-3));
+    ++ran;
+    for (int64_t M = 1; M <= 20; ++M) {
+      INFO(kernel.name << " K=" << K << " M=" << M);
+      const auto x = Random(M * K, 31 + M);
+      std::vector<uint16_t> xb(M * kp, 0);
+      for (int64_t r = 0; r < M; ++r)
+        for (int64_t k = 0; k < K; ++k) xb[r * kp + k] = duet::F32ToBf16(x[r * K + k]);
+      std::vector<float> y(M * N, NAN), ref(M * N);
+      kernel.run(xb.data(), M, kp, packed.data(), N, y.data(), nullptr);
+      duet::kernels::reference::Matmul(RoundBf16(x).data(), wr.data(), nullptr, M, K, N,
+                                       ref.data());
+      for (int64_t i = 0; i < M * N; ++i) REQUIRE(y[i] == Approx(ref[i]).margin(1e-3));
+    }
+  }
+  // Any machine duet's bf16 mode runs fast on has at least the AVX-512-BF16 kernel; report how
+  // many ran so a log shows it.
+  CHECK(ran == static_cast<int>(duet::kernels::HasAvx512Bf16()) +
+                   static_cast<int>(duet::kernels::HasAmxBf16()));
+}
+
+TEST_CASE("Each small-M kernel gives the same bits however the columns are split", "[linear]") {
+  // Run once split evenly and once with thread 0 holding almost every block: each column is
+  // summed by one thread either way.
+  const int64_t K = 100, N = 1000, kp = 128, np = 1024;
+  const auto w = Random(K * N, 3);
+  const auto packed = PackBA16a64b2a(w, K, N, kp, np);
+  for (const NamedKernel& kernel : SmallMKernels()) {
+    if (!kernel.available) {
+      WARN(kernel.name << " not run: this CPU lacks its instructions");
+      continue;
+    }
+    for (int64_t M : {1, 7, 16}) {
+      INFO(kernel.name << " M=" << M);
+      const auto x = Random(M * K, 5 + M);
+      std::vector<uint16_t> xb(M * kp, 0);
+      for (int64_t r = 0; r < M; ++r)
+        for (int64_t k = 0; k < K; ++k) xb[r * kp + k] = duet::F32ToBf16(x[r * K + k]);
+      std::vector<float> even(M * N), skewed(M * N), ref(M * N);
+      kernel.run(xb.data(), M, kp, packed.data(), N, even.data(), nullptr);
+      duet::kernels::GemvSplit split;
+      int64_t b[duet::kernels::GemvSplit::kMaxThreads + 1];
+      const int nt = 2;  // the pool below has exactly two threads, so the split is used
+      for (int call = 0; call < 40; ++call) {  // thread 1 "slow": nearly all blocks to thread 0
+        split.Bounds(nt, 16, b);
+        const double seconds[2] = {1e-6 * (b[1] - b[0]), 1.0};
+        split.Update(nt, b, seconds);
+      }
+      split.Bounds(nt, 16, b);
+      REQUIRE(b[1] == 14);
+      const double trained = split.share(0);
+      const int threads_before = omp_get_max_threads();
+      omp_set_num_threads(nt);
+      kernel.run(xb.data(), M, kp, packed.data(), N, skewed.data(), &split);
+      omp_set_num_threads(threads_before);
+      CHECK(split.share(0) != trained);  // the call ran with the split's bounds and updated it
+      duet::kernels::reference::Matmul(RoundBf16(x).data(), RoundBf16(w).data(), nullptr, M, K,
+                                       N, ref.data());
+      for (int64_t i = 0; i < M * N; ++i) {
+        REQUIRE(skewed[i] == even[i]);
+        REQUIRE(even[i] == Approx(ref[i]).margin(1e-3));
+      }
     }
   }
 }
