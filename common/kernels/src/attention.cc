@@ -312,6 +312,11 @@ inline void Prefetch(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
 }
+// The same into L2 only (the decode path's int8 cache: see DecodeRange).
+inline void PrefetchL2(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T2);
+}
 
 // Per-thread scratch, kept across calls (OpenMP's threads persist): no allocation per layer.
 struct Scratch {
@@ -567,19 +572,23 @@ __attribute__((target("avx512f"))) void DecodeRange(const PagedKvLayout& kv,
     // waiting on DRAM at 21-26 GB/s (perf: the stalls sit on each cache line's first K load and
     // on the scales); with it the GPT-2 shape streams at 39-56 GB/s (batch 16 x 512 positions,
     // 12 layers, alternating runs: 6.4-7.9 ms -> 2.9-4.3 ms). The same prefetch makes the f16
-    // and f32 caches slower (0-15%), so they go without.
+    // and f32 caches slower (0-15%), so they go without. Into L2, not L1: on a 2-core Xeon
+    // (huge pages, same shape) an L1 prefetch leaves a third of the time stalled on the prefetch
+    // instructions themselves, with L1's few outstanding misses full: 8.1-8.5 ms, into L2
+    // 7.3-7.5 ms (on the EPYC where the prefetch was first measured, the hint made no
+    // difference).
     const T* next = nullptr;
     if constexpr (std::is_same_v<T, int8_t>) {
       const int64_t scale_bytes = kv.scale_bytes();
-      if (b == b0) Prefetch(kv.KScales(block, 0), scale_bytes);
+      if (b == b0) PrefetchL2(kv.KScales(block, 0), scale_bytes);
       if (b + 1 < b1) {
         next = base + kv.k_offset(seq.block_table[b + 1], 0);
-        Prefetch(kv.KScales(seq.block_table[b + 1], 0), scale_bytes);
+        PrefetchL2(kv.KScales(seq.block_table[b + 1], 0), scale_bytes);
       }
     }
     // Scores and the softmax update, kv head by kv head: K of the block in memory order.
     for (int32_t g = 0; g < n_kv; ++g) {
-      if (next != nullptr) Prefetch(next + g * hs, hs * sizeof(T));
+      if (next != nullptr) PrefetchL2(next + g * hs, hs * sizeof(T));
       __m512 scores[G];
       ScoresRegs<T, G>(kb + g * hs, qs + static_cast<int64_t>(g) * G * d, d, scores);
       for (int i = 0; i < G; ++i) {
@@ -621,7 +630,7 @@ __attribute__((target("avx512f"))) void DecodeRange(const PagedKvLayout& kv,
     constexpr int kW = G <= 2 ? 4 : 16 / G;  // 16-column vectors per pass over the rows
     for (int32_t g = 0; g < n_kv; ++g) {
       const T* vg = vb + g * hs;
-      if (next != nullptr) Prefetch(next + kv.v_offset() + g * hs, hs * sizeof(T));
+      if (next != nullptr) PrefetchL2(next + kv.v_offset() + g * hs, hs * sizeof(T));
       const float* pg = p + g * G * 16;
       float* ag = acc + static_cast<int64_t>(g) * G * d;
       int32_t t0 = 0;
