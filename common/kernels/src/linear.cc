@@ -124,7 +124,7 @@ absl::Status Linear::Forward(const float* x, int64_t m, float* y) {
     for (int64_t r = 0; r < m; ++r) {
       uint16_t* xr = im.x_bf16.data() + r * kp;
       const float* src = x + r * im.k;
-      for (int64_t i = 0; i < im.k; ++i) xr[i] = F32ToBf16(src[i]);
+      ConvertF32ToBf16(src, xr, static_cast<size_t>(im.k));
       std::fill(xr + im.k, xr + kp, uint16_t{0});
     }
     const auto* w = static_cast<const uint16_t*>(im.weights.get_data_handle());
@@ -145,8 +145,13 @@ absl::Status Linear::Forward(const float* x, int64_t m, float* y) {
       const size_t count = static_cast<size_t>(m * im.k);
       if (im.x_bf16.size() < count) im.x_bf16.resize(count);
       uint16_t* xb = im.x_bf16.data();
-#pragma omp parallel for schedule(static) if (count > 65536)
-      for (size_t i = 0; i < count; ++i) xb[i] = F32ToBf16(x[i]);
+      constexpr size_t kPiece = 16384;  // values per conversion task
+      const int64_t pieces = static_cast<int64_t>((count + kPiece - 1) / kPiece);
+#pragma omp parallel for schedule(static) if (pieces > 4)
+      for (int64_t p = 0; p < pieces; ++p) {
+        const size_t at = static_cast<size_t>(p) * kPiece;
+        ConvertF32ToBf16(x + at, xb + at, std::min(kPiece, count - at));
+      }
       src_ptr = xb;
     }
     dnnl::memory src(src_desc, ctx.engine, src_ptr);

@@ -101,8 +101,39 @@ void ConvertToF32(DType src_dtype, const void* src, float* dst, size_t n) {
   }
 }
 
+namespace {
+// GCC 12's AVX-512 intrinsics trip -Wmaybe-uninitialized on their own undefined-vector idiom.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// F32ToBf16 sixteen at a time, bit for bit (the same rounding and NaN rule; denormals kept, as
+// vcvtneps2bf16 would not keep them).
+__attribute__((target("avx512f"))) size_t ConvertF32ToBf16Avx512(const float* src,
+                                                                   uint16_t* dst, size_t n) {
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
+  const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7fff);
+  const __m512i quiet = _mm512_set1_epi32(0x40);
+  size_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i u = _mm512_loadu_si512(src + i);
+    const __m512i hi = _mm512_srli_epi32(u, 16);
+    const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, abs_mask), inf);
+    __m512i r = _mm512_srli_epi32(
+        _mm512_add_epi32(u, _mm512_add_epi32(half, _mm512_and_si512(hi, one))), 16);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, quiet));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtepi32_epi16(r));
+  }
+  return i;
+}
+#pragma GCC diagnostic pop
+}  // namespace
+
 void ConvertF32ToBf16(const float* src, uint16_t* dst, size_t n) {
-  for (size_t i = 0; i < n; ++i) dst[i] = F32ToBf16(src[i]);
+  // Decode converts every matmul's input rows (GPT-2 at batch 16: 49152 values before each MLP
+  // down projection); AVX2 code from the loop below took ~20 us of a 200 us matmul.
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  size_t i = avx512 ? ConvertF32ToBf16Avx512(src, dst, n) : 0;
+  for (; i < n; ++i) dst[i] = F32ToBf16(src[i]);
 }
 
 namespace {

@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <tuple>
 #include <vector>
@@ -25,6 +26,27 @@ TEST_CASE("bf16 and f16 conversions round to nearest even", "[dtype]") {
   REQUIRE(duet::F32ToF16(-2.0f) == 0xc000);
   REQUIRE(duet::F16ToF32(0x7bff) == 65504.f);
   REQUIRE(std::isinf(duet::F16ToF32(duet::F32ToF16(1e6f))));
+}
+
+TEST_CASE("ConvertF32ToBf16 gives F32ToBf16's bits for every kind of value", "[dtype]") {
+  // Bit patterns that cover ties (odd and even), carries into the exponent, the largest finite
+  // values, infinities, quiet and signalling NaNs of both signs, denormals and zeros; then a
+  // sweep of patterns. Lengths not a multiple of 16 exercise the scalar tail as well.
+  std::vector<uint32_t> bits = {0x00000000u, 0x80000000u, 0x00000001u, 0x807fffffu, 0x00008000u,
+                                0x00018000u, 0x3f808000u, 0x3f818000u, 0x3f80ffffu, 0x7f7fffffu,
+                                0xff7fffffu, 0x7f800000u, 0xff800000u, 0x7fc00000u, 0xffc00001u,
+                                0x7f800001u, 0xff80ffffu, 0x7fffffffu, 0x3effffffu, 0x4b7fffffu};
+  for (uint32_t u = 0; u < 4096; ++u) bits.push_back(u * 1048573u + 12345u);
+  for (size_t n : {bits.size(), bits.size() - 7, size_t{15}, size_t{1}}) {
+    std::vector<float> src(n);
+    std::memcpy(src.data(), bits.data(), n * sizeof(float));
+    std::vector<uint16_t> got(n);
+    duet::ConvertF32ToBf16(src.data(), got.data(), n);
+    for (size_t i = 0; i < n; ++i) {
+      INFO("bits 0x" << std::hex << bits[i]);
+      REQUIRE(got[i] == duet::F32ToBf16(src[i]));
+    }
+  }
 }
 
 TEST_CASE("RmsNorm and LayerNorm match their definitions", "[ops]") {
