@@ -48,13 +48,20 @@ class GemvSplit {
 void GemvBf16(const uint16_t* x, int64_t m, int64_t kp, const uint16_t* w, int64_t n,
               float* y, GemvSplit* split = nullptr);
 
-// The same product (same arguments, same thread split) with AMX tiles: m rows of x (up to 16 per
-// tile; more run as groups of 16) against each 32 K x 16 N tile of the weights. Its dot products
-// cost little at any M <= 16, where GemvBf16's bind from M = 5 on (on a 2-core Xeon with
-// AMX-BF16, GPT-2's 768 x 3072 from DRAM: M = 16 in 188-213 us against 453-480; M = 1 in
-// 169-180 us against 200-212). Needs HasAmxBf16(). Sums in f32 in another order than GemvBf16,
-// so the two agree to rounding, not bit for bit.
-void GemmAmxBf16(const uint16_t* x, int64_t m, int64_t kp, const uint16_t* w, int64_t n,
-                 float* y, GemvSplit* split = nullptr);
+// The same product with AMX tiles: m rows of x (up to 16 per tile; more run as groups of 16)
+// against each 32 K x 16 N tile of the weights, with the same thread split. x comes packed by
+// PackAmxRows, so that each tile of x is 1 KB of consecutive lines. Its dot products cost little
+// at any M <= 16, where GemvBf16's bind from M = 5 on (on a 2-core Xeon with AMX-BF16, GPT-2's
+// 768 x 3072 from DRAM: M = 16 in 188-213 us against 453-480; M = 1 in 169-180 us against
+// 200-212). Needs HasAmxBf16(). Sums in f32 in another order than GemvBf16, so the two agree to
+// rounding, not bit for bit.
+// With `bias` (ceil(n / 64) * 64 floats, the columns past n ignored), y = x w + bias: the tiles
+// start from the bias rather than from zero, which saves Linear a pass over y.
+void GemmAmxBf16(const uint16_t* x_packed, int64_t m, int64_t kp, const uint16_t* w, int64_t n,
+                 float* y, GemvSplit* split = nullptr, const float* bias = nullptr);
+
+// x (f32 [m, k], row stride k) rounded to bf16 in GemmAmxBf16's order: groups of up to 16 rows,
+// each group [kp / 32][rows][32] (K-slices outermost, zero padded from k to kp); m * kp values.
+void PackAmxRows(const float* x, int64_t m, int64_t k, int64_t kp, uint16_t* out);
 
 }  // namespace duet::kernels

@@ -41,6 +41,7 @@ struct Linear::Impl {
   Buffer weight_storage;            // huge-page backed (see duet/tensor/buffer.h)
   dnnl::memory weights;             // views weight_storage
   std::vector<float> bias;
+  std::vector<float> bias_padded;  // the bias padded to whole 64-column blocks (GemmAmxBf16)
   std::vector<uint16_t> x_bf16;  // scratch: x rounded to bf16
   // Small M (decode) runs duet's own kernel on the same packed weights when the layout is
   // BA16a64b2a (AMX tiles where the CPU has them, AVX-512-BF16 dot products otherwise); kp is
@@ -111,7 +112,13 @@ absl::StatusOr<std::unique_ptr<Linear>> Linear::Create(int64_t k, int64_t n, con
   } catch (const dnnl::error& e) {
     return absl::InternalError(absl::StrCat("oneDNN matmul k=", k, " n=", n, ": ", e.what()));
   }
-  if (bias != nullptr) impl->bias.assign(bias, bias + n);
+  if (bias != nullptr) {
+    impl->bias.assign(bias, bias + n);
+    if (impl->use_amx) {
+      impl->bias_padded.assign((n + 63) / 64 * 64, 0.f);
+      std::copy(bias, bias + n, impl->bias_padded.begin());
+    }
+  }
   return std::unique_ptr<Linear>(new Linear(std::move(impl)));
 }
 
@@ -121,17 +128,19 @@ absl::Status Linear::Forward(const float* x, int64_t m, float* y) {
   if (im.use_gemv && m <= kGemvMaxM) {
     const int64_t kp = im.kp;
     if (im.x_bf16.size() < static_cast<size_t>(m * kp)) im.x_bf16.resize(m * kp);
-    for (int64_t r = 0; r < m; ++r) {
-      uint16_t* xr = im.x_bf16.data() + r * kp;
-      const float* src = x + r * im.k;
-      ConvertF32ToBf16(src, xr, static_cast<size_t>(im.k));
-      std::fill(xr + im.k, xr + kp, uint16_t{0});
-    }
     const auto* w = static_cast<const uint16_t*>(im.weights.get_data_handle());
     GemvSplit* split = &im.split[std::min<int>(3, std::bit_width(static_cast<uint64_t>(m)) - 1)];
     if (im.use_amx) {
-      GemmAmxBf16(im.x_bf16.data(), m, kp, w, im.n, y, split);
+      PackAmxRows(x, m, im.k, kp, im.x_bf16.data());
+      GemmAmxBf16(im.x_bf16.data(), m, kp, w, im.n, y, split,
+                  im.bias_padded.empty() ? nullptr : im.bias_padded.data());
+      return absl::OkStatus();  // the tiles started from the bias, if there is one
     } else {
+      for (int64_t r = 0; r < m; ++r) {
+        uint16_t* xr = im.x_bf16.data() + r * kp;
+        ConvertF32ToBf16(x + r * im.k, xr, static_cast<size_t>(im.k));
+        std::fill(xr + im.k, xr + kp, uint16_t{0});
+      }
       GemvBf16(im.x_bf16.data(), m, kp, w, im.n, y, split);
     }
   } else {

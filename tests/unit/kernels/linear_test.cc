@@ -63,15 +63,19 @@ TEST_CASE("bf16 Linear equals the reference on bf16-rounded inputs (f32 accumula
   // are not multiples of the 32x64 weight blocks; the small-M kernel splits K into chunks of 128
   // (K = 70: one partial chunk, 256: two, 300: two and a remainder) and M into 1, 2 or 3 row
   // chunks of up to 6 rows (every M from 1 to 16); N = 130 ends in a partial 64-column block.
+  // With and without a bias (where the CPU has AMX, the small-M kernel's tiles start from it).
   const int64_t K = GENERATE(256, 70, 300), N = 130;
+  const bool with_bias = GENERATE(false, true);
   const auto w = Random(K * N, 7);
-  auto lin = Linear::Create(K, N, w.data(), WeightLayout::kKN, nullptr, Precision::kBF16);
+  const auto bias = Random(N, 8);
+  const float* b = with_bias ? bias.data() : nullptr;
+  auto lin = Linear::Create(K, N, w.data(), WeightLayout::kKN, b, Precision::kBF16);
   REQUIRE(lin.ok());
   const auto wr = RoundBf16(w);
   for (int64_t M : {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 100}) {
     const auto x = Random(M * K, 11 + M);
     std::vector<float> ref(M * N), y(M * N);
-    duet::kernels::reference::Matmul(RoundBf16(x).data(), wr.data(), nullptr, M, K, N, ref.data());
+    duet::kernels::reference::Matmul(RoundBf16(x).data(), wr.data(), b, M, K, N, ref.data());
     REQUIRE((*lin)->Forward(x.data(), M, y.data()).ok());
     for (int64_t i = 0; i < M * N; ++i) REQUIRE(y[i] == Approx(ref[i]).margin(1e-3));
   }
@@ -172,12 +176,30 @@ struct NamedKernel {
   const char* name;
   SmallMKernel run;
   bool available;
+  bool amx_rows;  // takes x packed by PackAmxRows, not as rows of kp values
 };
+// x (f32 [M, K]) as `kernel` takes it.
+std::vector<uint16_t> KernelInput(const NamedKernel& kernel, const std::vector<float>& x,
+                                  int64_t M, int64_t K, int64_t kp) {
+  std::vector<uint16_t> xb(M * kp, 0);
+  if (kernel.amx_rows) {
+    duet::kernels::PackAmxRows(x.data(), M, K, kp, xb.data());
+  } else {
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t k = 0; k < K; ++k) xb[r * kp + k] = duet::F32ToBf16(x[r * K + k]);
+  }
+  return xb;
+}
 // Both small-M kernels, each where this CPU can run it (Linear uses GemmAmxBf16 where there is
 // AMX, so on such a machine the Linear tests above do not reach GemvBf16; these do).
 std::vector<NamedKernel> SmallMKernels() {
-  return {{"GemvBf16", duet::kernels::GemvBf16, duet::kernels::HasAvx512Bf16()},
-          {"GemmAmxBf16", duet::kernels::GemmAmxBf16, duet::kernels::HasAmxBf16()}};
+  return {{"GemvBf16", duet::kernels::GemvBf16, duet::kernels::HasAvx512Bf16(), false},
+          {"GemmAmxBf16",
+           [](const uint16_t* x, int64_t m, int64_t kp, const uint16_t* w, int64_t n, float* y,
+              duet::kernels::GemvSplit* split) {
+             duet::kernels::GemmAmxBf16(x, m, kp, w, n, y, split);
+           },
+           duet::kernels::HasAmxBf16(), true}};
 }
 }  // namespace
 
@@ -200,9 +222,7 @@ TEST_CASE("Both small-M kernels equal the reference for every M, with K and N ta
     for (int64_t M = 1; M <= 20; ++M) {
       INFO(kernel.name << " K=" << K << " M=" << M);
       const auto x = Random(M * K, 31 + M);
-      std::vector<uint16_t> xb(M * kp, 0);
-      for (int64_t r = 0; r < M; ++r)
-        for (int64_t k = 0; k < K; ++k) xb[r * kp + k] = duet::F32ToBf16(x[r * K + k]);
+      const std::vector<uint16_t> xb = KernelInput(kernel, x, M, K, kp);
       std::vector<float> y(M * N, NAN), ref(M * N);
       kernel.run(xb.data(), M, kp, packed.data(), N, y.data(), nullptr);
       duet::kernels::reference::Matmul(RoundBf16(x).data(), wr.data(), nullptr, M, K, N,
@@ -230,9 +250,7 @@ TEST_CASE("Each small-M kernel gives the same bits however the columns are split
     for (int64_t M : {1, 7, 16}) {
       INFO(kernel.name << " M=" << M);
       const auto x = Random(M * K, 5 + M);
-      std::vector<uint16_t> xb(M * kp, 0);
-      for (int64_t r = 0; r < M; ++r)
-        for (int64_t k = 0; k < K; ++k) xb[r * kp + k] = duet::F32ToBf16(x[r * K + k]);
+      const std::vector<uint16_t> xb = KernelInput(kernel, x, M, K, kp);
       std::vector<float> even(M * N), skewed(M * N), ref(M * N);
       kernel.run(xb.data(), M, kp, packed.data(), N, even.data(), nullptr);
       duet::kernels::GemvSplit split;
