@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 namespace duet::kernels {
 
@@ -327,17 +328,17 @@ void GemvBf16(const uint16_t* x, int64_t m, int64_t kp, const uint16_t* w, int64
 }
 
 void PackAmxRows(const float* x, int64_t m, int64_t k, int64_t kp, uint16_t* out) {
+  // Each row is converted whole and then placed slice by slice: converting 32 values per call
+  // cost GPT-2's batch-16 step ~0.3 ms in call overhead (32K calls a step).
+  thread_local std::vector<uint16_t> row;
+  row.assign(static_cast<size_t>(kp), 0);
   for (int64_t g0 = 0; g0 < m; g0 += kMaxRows) {
     const int64_t rows = std::min(kMaxRows, m - g0);
     uint16_t* group = out + g0 * kp;
     for (int64_t r = 0; r < rows; ++r) {
-      const float* src = x + (g0 + r) * k;
-      for (int64_t k0 = 0; k0 < kp; k0 += 32) {
-        uint16_t* dst = group + (k0 / 32 * rows + r) * 32;
-        const int64_t have = std::clamp<int64_t>(k - k0, 0, 32);
-        ConvertF32ToBf16(src + k0, dst, static_cast<size_t>(have));
-        std::fill(dst + have, dst + 32, uint16_t{0});
-      }
+      ConvertF32ToBf16(x + (g0 + r) * k, row.data(), static_cast<size_t>(k));  // k..kp stay 0
+      for (int64_t k0 = 0; k0 < kp; k0 += 32)
+        std::memcpy(group + (k0 / 32 * rows + r) * 32, row.data() + k0, 64);
     }
   }
 }
