@@ -24,6 +24,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "args.h"
+#include "duet/kernels/linear.h"
 #include "duet/kernels/profile.h"
 #include "duet/kernels/threads.h"
 #include "duet/model/model.h"
@@ -342,10 +343,21 @@ int BenchEngineMain(int argc, char** argv, const char* self_exe) {
     r["decode_ceiling_tokens_per_s"] = bw * 1e9 / r["weight_bytes"].get<double>();
   }
 
+  // Which kernel decode's matmuls ran (the children decide as this process would: CPU and
+  // ONEDNN_MAX_CPU_ISA), asked of one matrix of GPT-2's shape.
+  std::string small_m = "?";
+  {
+    const std::vector<float> w(768 * 768, 0.f);
+    auto lin = kernels::Linear::Create(768, 768, w.data(), kernels::WeightLayout::kKN, nullptr,
+                                       kernels::Precision::kBF16);
+    if (lin.ok()) small_m = (*lin)->small_m_kernel();
+  }
+  for (auto& r : results) r["small_m_kernel"] = small_m;
   std::printf(
-      "\nduet bench-engine  (bf16 weights, %s K/V cache, %lld threads, read bandwidth %.1f GB/s: "
-      "the higher of %.1f before and %.1f after the models)\n",
-      kv_cache_s.c_str(), static_cast<long long>(*threads), bw, bw_before, bw_after);
+      "\nduet bench-engine  (bf16 weights, %s K/V cache, %lld threads, decode matmuls on %s, read "
+      "bandwidth %.1f GB/s: the higher of %.1f before and %.1f after the models)\n",
+      kv_cache_s.c_str(), static_cast<long long>(*threads), small_m.c_str(), bw, bw_before,
+      bw_after);
   std::printf("%-16s %12s %12s %10s %10s %10s %10s %8s %9s\n", "model", "prefill-128",
               "prefill-512", "decode-1", "decode-4", "decode-16", "ceiling-1", "1/ceil",
               "RSS(MiB)");

@@ -78,6 +78,9 @@ Linear::~Linear() = default;
 int64_t Linear::k() const { return impl_->k; }
 int64_t Linear::n() const { return impl_->n; }
 size_t Linear::weight_bytes() const { return impl_->weights_desc.get_size(); }
+const char* Linear::small_m_kernel() const {
+  return !impl_->use_gemv ? "onednn" : impl_->use_amx ? "amx" : "avx512-bf16";
+}
 
 absl::StatusOr<std::unique_ptr<Linear>> Linear::Create(int64_t k, int64_t n, const float* weights,
                                                        WeightLayout layout, const float* bias,
@@ -104,7 +107,10 @@ absl::StatusOr<std::unique_ptr<Linear>> Linear::Create(int64_t k, int64_t n, con
     if (precision == Precision::kBF16 && HasAvx512Bf16() &&
         impl->weights_desc == dnnl::memory::desc({k, n}, dt::bf16, tag::BA16a64b2a)) {
       impl->use_gemv = true;
-      impl->use_amx = HasAmxBf16();
+      // AMX where the CPU has it and oneDNN may use it too: ONEDNN_MAX_CPU_ISA (below
+      // AVX512_CORE_AMX) turns both off, one knob for comparing or avoiding the tiles.
+      impl->use_amx =
+          HasAmxBf16() && dnnl::get_effective_cpu_isa() == dnnl::cpu_isa::avx512_core_amx;
       impl->kp = impl->weights_desc.data.padded_dims[0];
     } else {
       impl->Get(1);  // build the decode-sized primitive now, not on the first request

@@ -4,6 +4,8 @@
 
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <random>
 #include <vector>
 
@@ -79,6 +81,25 @@ TEST_CASE("bf16 Linear equals the reference on bf16-rounded inputs (f32 accumula
     REQUIRE((*lin)->Forward(x.data(), M, y.data()).ok());
     for (int64_t i = 0; i < M * N; ++i) REQUIRE(y[i] == Approx(ref[i]).margin(1e-3));
   }
+}
+
+TEST_CASE("Linear names the small-M kernel this CPU and ONEDNN_MAX_CPU_ISA allow", "[linear]") {
+  // ctest runs this binary's [linear] cases a second time with ONEDNN_MAX_CPU_ISA below AMX, so
+  // that on an AMX machine the Linear cases above also run the dot-product kernel.
+  const auto w = Random(256 * 130, 9);
+  auto bf16 = Linear::Create(256, 130, w.data(), WeightLayout::kKN, nullptr, Precision::kBF16);
+  auto f32 = Linear::Create(256, 130, w.data(), WeightLayout::kKN, nullptr, Precision::kF32);
+  REQUIRE(bf16.ok());
+  REQUIRE(f32.ok());
+  CHECK(std::string((*f32)->small_m_kernel()) == "onednn");
+  const char* isa = std::getenv("ONEDNN_MAX_CPU_ISA");
+  const bool amx_allowed = isa == nullptr || std::string(isa) == "ALL" ||
+                           std::string(isa) == "AVX512_CORE_AMX";
+  std::string expected = "onednn";
+  if (duet::kernels::HasAvx512Bf16()) expected = "avx512-bf16";
+  if (duet::kernels::HasAmxBf16() && amx_allowed) expected = "amx";
+  INFO("ONEDNN_MAX_CPU_ISA=" << (isa != nullptr ? isa : "(unset)"));
+  CHECK(std::string((*bf16)->small_m_kernel()) == expected);
 }
 
 TEST_CASE("Linear rejects bad shapes", "[linear]") {

@@ -2,7 +2,8 @@
 //
 // Activations are f32 on both sides. In bf16 precision the weights are held in oneDNN's blocked
 // bf16 layout and x is rounded to bf16 before the matmul (f32 accumulation); in f32 precision
-// everything is f32, for exactness tests. Primitives are built once per M and cached.
+// everything is f32, for exactness tests. Primitives are built once per M and cached. Up to 16
+// rows in bf16 run duet's own kernels on the same packed weights (small_m_kernel()).
 #pragma once
 
 #include <cstdint>
@@ -39,6 +40,10 @@ class Linear {
   int64_t n() const;
   // Bytes of packed weights (what one M=1 forward must read).
   size_t weight_bytes() const;
+  // What runs m <= 16 rows (decode): "amx" (duet's AMX tile kernel, where the CPU has AMX-BF16
+  // and ONEDNN_MAX_CPU_ISA does not rule it out), "avx512-bf16" (duet's dot-product kernel) or
+  // "onednn" (f32 precision, or a CPU without AVX-512-BF16).
+  const char* small_m_kernel() const;
 
  private:
   struct Impl;
