@@ -114,6 +114,28 @@ void PagedKvLayout::StoreV(int32_t block, int32_t kv_head, int32_t slot, const f
   }
 }
 
+void PagedKvLayout::PrefetchSlot(int32_t block, int32_t slot) const {
+  const auto* base_bytes = static_cast<const char*>(base);
+  const int64_t es = static_cast<int64_t>(KvDtypeSize(dtype));
+  const int64_t row_bytes = static_cast<int64_t>(block_size) * es;  // one K row of a head
+  for (int32_t h = 0; h < n_kv_heads; ++h) {
+    const char* k = base_bytes + (k_offset(block, h) + slot) * es;
+    // One prefetch per line: rows are row_bytes apart; a line holds 64 / row_bytes rows when
+    // rows are shorter than a line.
+    const int64_t step = std::max<int64_t>(row_bytes, 64);
+    for (int64_t at = 0; at < head_dim * row_bytes; at += step) _mm_prefetch(k + at, _MM_HINT_T0);
+    const char* v = base_bytes + v_offset(block, h, slot) * es;
+    for (int64_t at = 0; at < head_dim * es; at += 64) _mm_prefetch(v + at, _MM_HINT_T0);
+  }
+  if (dtype == KvDtype::kI8) {
+    _mm_prefetch(reinterpret_cast<const char*>(KScales(block, 0) + slot), _MM_HINT_T0);
+    for (int32_t h = 0; h < n_kv_heads; ++h) {
+      _mm_prefetch(reinterpret_cast<const char*>(KScales(block, h) + slot), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(VScales(block, h) + slot), _MM_HINT_T0);
+    }
+  }
+}
+
 void PagedKvLayout::LoadV(int32_t block, int32_t kv_head, int32_t slot, float* v) const {
   if (dtype == KvDtype::kI8) {
     const int8_t* q = V<int8_t>(block, kv_head, slot);

@@ -1,5 +1,6 @@
 #include "duet/model/model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -423,6 +424,8 @@ absl::Status Model::Forward(std::span<const BatchItem> items, std::vector<float>
 
   const bool gpt2 = c.arch == Arch::kGpt2;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const bool decode_only = std::all_of(s.seqs.begin(), s.seqs.end(),
+                                       [](const kernels::AttentionSeq& q) { return q.n_new == 1; });
   for (int32_t l = 0; l < c.n_layers; ++l) {
     auto& L = w_->layers[l];
     using kernels::Op;
@@ -436,6 +439,15 @@ absl::Status Model::Forward(std::span<const BatchItem> items, std::vector<float>
       } else {
         kernels::RmsNorm(s.x.data(), L.norm1_w.data(), M, E, c.norm_eps, s.h.data());
       }
+    }
+    if (decode_only) {
+      // The lines this step's K/V rows will be written into are cold (K is stored transposed:
+      // a new row touches every K line of its block); ask for them now, so they arrive while
+      // the QKV projection streams its weights, not while the K/V write waits on them.
+      const kernels::PagedKvLayout ahead = items[0].kv->pool()->Layout(l);
+      for (const auto& seq : s.seqs)
+        ahead.PrefetchSlot(seq.block_table[seq.n_past / ahead.block_size],
+                           seq.n_past % ahead.block_size);
     }
     {
       ScopedOp prof(Op::kQkv);

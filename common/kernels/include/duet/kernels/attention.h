@@ -89,6 +89,10 @@ struct PagedKvLayout {
   void LoadK(int32_t block, int32_t kv_head, int32_t slot, float* k) const;
   void StoreV(int32_t block, int32_t kv_head, int32_t slot, const float* v) const;
   void LoadV(int32_t block, int32_t kv_head, int32_t slot, float* v) const;
+  // Asks the cache for the lines that StoreK and StoreV of (block, slot) will write, every kv
+  // head's: a slot's K is one element of every K row, so a decode step's new row touches all
+  // head_dim / (64 / element size) lines of each head's K in its block, cold since the last step.
+  void PrefetchSlot(int32_t block, int32_t slot) const;
 };
 
 // The int8 cache's quantizer (what StoreK / StoreV use): q[i * stride] for i < n, returns the
