@@ -197,15 +197,23 @@ __attribute__((target("avx512f"))) inline __m512 Load16(const int8_t* p) {  // u
 // Scores of NQ queries (q: [NQ][d], already scaled) against one block of 16 slots (kt: K
 // transposed [d][16]): s[i] = q_i . k_j for the 16 slots j, unscaled by any int8 K scale. Each K
 // row is loaded once for all NQ queries; C independent chains per query keep eight FMAs in
-// flight.
+// flight. With `pf`, also prefetches [pf, pf + pf_bytes) into L2, a few lines per step of the
+// loop (see DecodeRange).
 template <typename T, int NQ>
 __attribute__((target("avx512f"))) inline void ScoresRegs(const T* kt, const float* q, int32_t d,
-                                                          __m512 (&s)[NQ]) {
+                                                          __m512 (&s)[NQ],
+                                                          const char* pf = nullptr,
+                                                          int64_t pf_bytes = 0) {
   constexpr int C = NQ >= 8 ? 1 : 8 / NQ;
   __m512 a[NQ][C];
   for (int i = 0; i < NQ; ++i)
     for (int c = 0; c < C; ++c) a[i][c] = _mm512_setzero_ps();
+  const int32_t steps = (d + C - 1) / C;
+  const int64_t lines_per_step = pf != nullptr ? (pf_bytes / 64 + steps - 1) / steps : 0;
+  int64_t pf_at = 0;
   for (int32_t t = 0; t < d; t += C) {
+    for (int64_t z = 0; z < lines_per_step && pf_at < pf_bytes; ++z, pf_at += 64)
+      _mm_prefetch(pf + pf_at, _MM_HINT_T2);
     for (int c = 0; c < C; ++c) {
       const __m512 k = Load16(kt + static_cast<int64_t>(t + c) * 16);
       for (int i = 0; i < NQ; ++i)
@@ -532,10 +540,17 @@ void RunItem(const WorkItem& it, const float* q, int64_t q_stride, const PagedKv
 // acc_i[t0, t0 + 16W) += sum_{j < n} p_i[j] v_j[t0, t0 + 16W) for the G queries of one kv head
 // (p: [G][16], acc: [G][d]) over one block's V rows (vg: [16][d]). Up to two queries, two chains
 // (even and odd rows) per accumulator; from four on, G x W accumulators of one chain each.
+// With `pf`, also prefetches [pf, pf + pf_bytes) into L2, spread over the rows (see
+// DecodeRange); what the rows leave is prefetched at the end.
 template <typename T, int G, int W>
 __attribute__((target("avx512f"))) inline void DecodeV(const T* vg, const float* p, int32_t n,
-                                                       int32_t d, int32_t t0, float* acc) {
+                                                       int32_t d, int32_t t0, float* acc,
+                                                       const char* pf = nullptr,
+                                                       int64_t pf_bytes = 0) {
   constexpr bool kTwoChains = G <= 2;
+  const int32_t steps = kTwoChains ? 8 : 16;  // row pairs or rows of a full block
+  const int64_t lines_per_step = pf != nullptr ? (pf_bytes / 64 + steps - 1) / steps : 0;
+  int64_t pf_at = 0;
   __m512 x[G][W], y[kTwoChains ? G : 1][kTwoChains ? W : 1];  // y: the odd rows' chains
   for (int i = 0; i < G; ++i)
     for (int w = 0; w < W; ++w) {
@@ -545,6 +560,8 @@ __attribute__((target("avx512f"))) inline void DecodeV(const T* vg, const float*
   int32_t j = 0;
   if constexpr (kTwoChains) {
     for (; j + 2 <= n; j += 2) {
+      for (int64_t z = 0; z < lines_per_step && pf_at < pf_bytes; ++z, pf_at += 64)
+        _mm_prefetch(pf + pf_at, _MM_HINT_T2);
       const T* r0 = vg + static_cast<int64_t>(j) * d + t0;
       const T* r1 = r0 + d;
       for (int w = 0; w < W; ++w) {
@@ -557,6 +574,10 @@ __attribute__((target("avx512f"))) inline void DecodeV(const T* vg, const float*
     }
   }
   for (; j < n; ++j) {
+    if constexpr (!kTwoChains) {
+      for (int64_t z = 0; z < lines_per_step && pf_at < pf_bytes; ++z, pf_at += 64)
+        _mm_prefetch(pf + pf_at, _MM_HINT_T2);
+    }
     const T* r0 = vg + static_cast<int64_t>(j) * d + t0;
     for (int w = 0; w < W; ++w) {
       const __m512 v0 = Load16(r0 + 16 * w);
@@ -564,6 +585,7 @@ __attribute__((target("avx512f"))) inline void DecodeV(const T* vg, const float*
         x[i][w] = _mm512_fmadd_ps(_mm512_set1_ps(p[i * 16 + j]), v0, x[i][w]);
     }
   }
+  for (; pf_at < pf_bytes; pf_at += 64) _mm_prefetch(pf + pf_at, _MM_HINT_T2);
   for (int i = 0; i < G; ++i)
     for (int w = 0; w < W; ++w) {
       __m512 sum = x[i][w];
@@ -598,7 +620,11 @@ __attribute__((target("avx512f"))) void DecodeRange(const PagedKvLayout& kv,
     // (huge pages, same shape) an L1 prefetch leaves a third of the time stalled on the prefetch
     // instructions themselves, with L1's few outstanding misses full: 8.1-8.5 ms, into L2
     // 7.3-7.5 ms (on the EPYC where the prefetch was first measured, the hint made no
-    // difference).
+    // difference). And spread: a head's K lines are asked for a few at a time through the
+    // score loop, its V lines through the V rows, not in bursts of 16 lines before each
+    // (Xeon, layer-major blocks as BlockPool lays them, 24 layers so that L3 cannot hold them:
+    // 16.7-17.7 -> 13.6-14.5 ms; without prefetch the same data read with no arithmetic took
+    // 12-13.5).
     const T* next = nullptr;
     if constexpr (std::is_same_v<T, int8_t>) {
       const int64_t scale_bytes = kv.scale_bytes();
@@ -610,9 +636,10 @@ __attribute__((target("avx512f"))) void DecodeRange(const PagedKvLayout& kv,
     }
     // Scores and the softmax update, kv head by kv head: K of the block in memory order.
     for (int32_t g = 0; g < n_kv; ++g) {
-      if (next != nullptr) PrefetchL2(next + g * hs, hs * sizeof(T));
       __m512 scores[G];
-      ScoresRegs<T, G>(kb + g * hs, qs + static_cast<int64_t>(g) * G * d, d, scores);
+      ScoresRegs<T, G>(kb + g * hs, qs + static_cast<int64_t>(g) * G * d, d, scores,
+                       next != nullptr ? reinterpret_cast<const char*>(next + g * hs) : nullptr,
+                       next != nullptr ? hs * static_cast<int64_t>(sizeof(T)) : 0);
       for (int i = 0; i < G; ++i) {
         const int32_t h = g * G + i;
         __m512 sv = scores[i];
@@ -652,11 +679,19 @@ __attribute__((target("avx512f"))) void DecodeRange(const PagedKvLayout& kv,
     constexpr int kW = G <= 2 ? 4 : 16 / G;  // 16-column vectors per pass over the rows
     for (int32_t g = 0; g < n_kv; ++g) {
       const T* vg = vb + g * hs;
-      if (next != nullptr) PrefetchL2(next + kv.v_offset() + g * hs, hs * sizeof(T));
       const float* pg = p + g * G * 16;
       float* ag = acc + static_cast<int64_t>(g) * G * d;
+      // The next block's V of this head is prefetched during the first pass (a block with a
+      // next block is full, so the pass runs all 16 rows).
+      const char* vpf =
+          next != nullptr ? reinterpret_cast<const char*>(next + kv.v_offset() + g * hs) : nullptr;
       int32_t t0 = 0;
-      for (; t0 + 16 * kW <= d; t0 += 16 * kW) DecodeV<T, G, kW>(vg, pg, n, d, t0, ag);
+      for (; t0 + 16 * kW <= d; t0 += 16 * kW) {
+        DecodeV<T, G, kW>(vg, pg, n, d, t0, ag, vpf,
+                          vpf != nullptr ? hs * static_cast<int64_t>(sizeof(T)) : 0);
+        vpf = nullptr;
+      }
+      if (vpf != nullptr) PrefetchL2(vpf, hs * sizeof(T));  // d < 16 * kW: no full pass
       // What is left (d is a multiple of 16) in one more pass.
       const int32_t rest = (d - t0) / 16;
       if constexpr (kW >= 4) {
