@@ -12,7 +12,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
-#include <vector>
 
 namespace duet::kernels {
 
@@ -26,6 +25,7 @@ bool HasAmxBf16() {
     unsigned a = 0, b = 0, c = 0, d = 0;
     if (__get_cpuid_count(7, 0, &a, &b, &c, &d) == 0) return false;
     if (((d >> 22) & 1) == 0 || ((d >> 24) & 1) == 0) return false;  // AMX-BF16, AMX-TILE
+    if (!HasAvx512Bf16()) return false;  // PackAmxRows converts with it
     // Linux hands out the tile registers' state only on request (ARCH_REQ_XCOMP_PERM for
     // XFEATURE_XTILEDATA); process-wide, and granted again if oneDNN already asked.
     constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
@@ -327,18 +327,30 @@ void GemvBf16(const uint16_t* x, int64_t m, int64_t kp, const uint16_t* w, int64
   });
 }
 
+namespace {
+// 32 floats (from, masked to `have` <= 32) to bf16 with vcvtne2ps2bf16: round to nearest even,
+// NaN kept quiet, and a denormal input becomes a zero of its sign (the instruction's rule).
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void Pack32(const float* from,
+                                                                         int64_t have,
+                                                                         uint16_t* to) {
+  const uint32_t bits = have >= 32 ? 0xFFFFFFFFu : (1u << have) - 1u;
+  const __m512 lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>(bits & 0xFFFFu), from);
+  const __m512 hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>(bits >> 16), from + 16);
+  _mm512_storeu_si512(to, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+}
+}  // namespace
+
 void PackAmxRows(const float* x, int64_t m, int64_t k, int64_t kp, uint16_t* out) {
-  // Each row is converted whole and then placed slice by slice: converting 32 values per call
-  // cost GPT-2's batch-16 step ~0.3 ms in call overhead (32K calls a step).
-  thread_local std::vector<uint16_t> row;
-  row.assign(static_cast<size_t>(kp), 0);
+  // One conversion instruction per 32 values: at batch 16 this packing runs on one thread
+  // before every matmul (GPT-2: 16 x 3072 values before the MLP's down projection took 9.7 us
+  // with the exact scalar-rule conversion).
   for (int64_t g0 = 0; g0 < m; g0 += kMaxRows) {
     const int64_t rows = std::min(kMaxRows, m - g0);
     uint16_t* group = out + g0 * kp;
     for (int64_t r = 0; r < rows; ++r) {
-      ConvertF32ToBf16(x + (g0 + r) * k, row.data(), static_cast<size_t>(k));  // k..kp stay 0
+      const float* src = x + (g0 + r) * k;
       for (int64_t k0 = 0; k0 < kp; k0 += 32)
-        std::memcpy(group + (k0 / 32 * rows + r) * 32, row.data() + k0, 64);
+        Pack32(src + k0, std::clamp<int64_t>(k - k0, 0, 32), group + (k0 / 32 * rows + r) * 32);
     }
   }
 }

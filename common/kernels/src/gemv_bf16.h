@@ -62,6 +62,8 @@ void GemmAmxBf16(const uint16_t* x_packed, int64_t m, int64_t kp, const uint16_t
 
 // x (f32 [m, k], row stride k) rounded to bf16 in GemmAmxBf16's order: groups of up to 16 rows,
 // each group [kp / 32][rows][32] (K-slices outermost, zero padded from k to kp); m * kp values.
+// Rounds as F32ToBf16 does except that denormal inputs become zeros of their sign (AVX-512-BF16's
+// conversion; such values are below 1.2e-38). Needs HasAmxBf16() (which implies AVX-512-BF16).
 void PackAmxRows(const float* x, int64_t m, int64_t k, int64_t kp, uint16_t* out);
 
 }  // namespace duet::kernels

@@ -4,6 +4,7 @@
 
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <cstring>
 #include <cstdlib>
 #include <string>
 #include <random>
@@ -223,6 +224,43 @@ std::vector<NamedKernel> SmallMKernels() {
            duet::kernels::HasAmxBf16(), true}};
 }
 }  // namespace
+
+TEST_CASE("PackAmxRows lays rows out by 32-value slices and rounds as F32ToBf16", "[linear]") {
+  if (!duet::kernels::HasAmxBf16()) {
+    WARN("PackAmxRows not run: this CPU lacks AMX-BF16 (Linear does not call it)");
+    return;
+  }
+  // 20 rows (a group of 16, then one of 4) of K = 70 (two full slices and a partial one),
+  // holding ties, NaNs, infinities, the largest finite values and denormals among random bits.
+  const int64_t M = 20, K = 70, kp = 96;
+  const uint32_t special[] = {0x3f808000u, 0x3f818000u, 0x7fc00001u, 0xff800001u, 0x7f800000u,
+                              0xff7fffffu, 0x00000001u, 0x807fffffu, 0x00000000u, 0x80000000u};
+  std::vector<float> x(M * K);
+  std::mt19937 gen(17);
+  for (int64_t i = 0; i < M * K; ++i) {
+    uint32_t u = i % 7 == 0 ? special[(i / 7) % 10] : static_cast<uint32_t>(gen());
+    std::memcpy(&x[i], &u, 4);
+  }
+  std::vector<uint16_t> out(M * kp, 0xDEAD);
+  duet::kernels::PackAmxRows(x.data(), M, K, kp, out.data());
+  for (int64_t r = 0; r < M; ++r) {
+    const int64_t g0 = r / 16 * 16, rows = std::min<int64_t>(16, M - g0);
+    for (int64_t k = 0; k < kp; ++k) {
+      const uint16_t got = out[g0 * kp + (k / 32 * rows + (r - g0)) * 32 + k % 32];
+      INFO("row " << r << " k " << k);
+      if (k >= K) {
+        REQUIRE(got == 0);
+        continue;
+      }
+      uint32_t u;
+      std::memcpy(&u, &x[r * K + k], 4);
+      const bool denormal = (u & 0x7f800000u) == 0 && (u & 0x007fffffu) != 0;
+      const uint16_t want = denormal ? static_cast<uint16_t>((u >> 16) & 0x8000u)
+                                     : duet::F32ToBf16(x[r * K + k]);
+      REQUIRE(got == want);
+    }
+  }
+}
 
 TEST_CASE("Both small-M kernels equal the reference for every M, with K and N tails",
           "[linear]") {
