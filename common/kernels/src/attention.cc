@@ -37,13 +37,115 @@ __attribute__((target("avx512f"))) void Quantize16(const float* x, int32_t n, fl
                                                    int8_t* q) {
   const __m512 vi = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
   for (int32_t i = 0; i < n; i += 16) {
-    const __m512 r = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), vi), lo), hi);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r)));
+    const __m512 r =
+        _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), vi), lo), hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i),
+                     _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r)));
+  }
+}
+
+// Transposes 16 rows of 16 floats: out[c] holds column c of r (row j in lane j).
+__attribute__((target("avx512f"))) inline void Transpose16x16(const __m512 (&r)[16],
+                                                              __m512 (&out)[16]) {
+  __m512 t[16], u[16];
+  for (int k = 0; k < 8; ++k) {
+    t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+  }
+  // u[4g + q], 128-bit lane L: column 4L + q of rows 4g..4g+3.
+  for (int g = 0; g < 4; ++g) {
+    u[4 * g + 0] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+    u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+    u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+    u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+  }
+  for (int q = 0; q < 4; ++q) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[q], u[4 + q], 0x88);
+    const __m512 v1 = _mm512_shuffle_f32x4(u[q], u[4 + q], 0xDD);
+    const __m512 w0 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0x88);
+    const __m512 w1 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0xDD);
+    out[q] = _mm512_shuffle_f32x4(v0, w0, 0x88);
+    out[8 + q] = _mm512_shuffle_f32x4(v0, w0, 0xDD);
+    out[4 + q] = _mm512_shuffle_f32x4(v1, w1, 0x88);
+    out[12 + q] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
+  }
+}
+
+// StoreKRows for an int8 cache with 16-slot blocks and head_dim a multiple of 16: each row's
+// scale as QuantizeKvI8 computes it, then 16 dims at a time transposed in registers, so that
+// each K row of the block (one dim, 16 slots) is quantized and stored as one 16-byte vector.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void StoreKRowsI8(const float* x, int32_t m,
+                                                                       int32_t d, int8_t* kt,
+                                                                       float* scales) {
+  alignas(64) float inv[16] = {};
+  for (int32_t j = 0; j < m; ++j) {
+    const float scale = AbsMax16(x + static_cast<int64_t>(j) * d, d) / 127.f;
+    scales[j] = scale;
+    inv[j] = scale > 0.f && std::isfinite(scale) ? 1.f / scale : 0.f;
+  }
+  const __m512 vinv = _mm512_load_ps(inv), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+  const __mmask16 rows = static_cast<__mmask16>(m >= 16 ? 0xFFFFu : (1u << m) - 1u);
+  for (int32_t i0 = 0; i0 < d; i0 += 16) {
+    __m512 r[16], c[16];
+    for (int32_t j = 0; j < 16; ++j)
+      r[j] = j < m ? _mm512_loadu_ps(x + static_cast<int64_t>(j) * d + i0) : _mm512_setzero_ps();
+    Transpose16x16(r, c);
+    for (int32_t i = 0; i < 16; ++i) {
+      const __m512 q = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(c[i], vinv), lo), hi);
+      _mm_mask_storeu_epi8(kt + static_cast<int64_t>(i0 + i) * 16, rows,
+                           _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(q)));
+    }
+  }
+}
+
+// LoadKRows for the same cache: each K row (one dim, 16 slots) widened and scaled per slot,
+// then 16 dims at a time transposed back into the m rows.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void LoadKRowsI8(const int8_t* kt,
+                                                                      const float* scales,
+                                                                      int32_t m, int32_t d,
+                                                                      float* x) {
+  const __mmask16 rows = static_cast<__mmask16>(m >= 16 ? 0xFFFFu : (1u << m) - 1u);
+  const __m512 sc = _mm512_maskz_loadu_ps(rows, scales);
+  for (int32_t i0 = 0; i0 < d; i0 += 16) {
+    __m512 c[16], r[16];
+    for (int32_t i = 0; i < 16; ++i) {
+      const __m128i q = _mm_maskz_loadu_epi8(rows, kt + static_cast<int64_t>(i0 + i) * 16);
+      c[i] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), sc);
+    }
+    Transpose16x16(c, r);
+    for (int32_t j = 0; j < m; ++j) _mm512_storeu_ps(x + static_cast<int64_t>(j) * d + i0, r[j]);
   }
 }
 #pragma GCC diagnostic pop
 
 }  // namespace
+
+void PagedKvLayout::LoadKRows(int32_t block, int32_t kv_head, int32_t slot, int32_t m,
+                              float* x) const {
+  static const bool avx512 = __builtin_cpu_supports("avx512f") &&
+                             __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl");
+  if (dtype == KvDtype::kI8 && avx512 && block_size == 16 && head_dim % 16 == 0) {
+    LoadKRowsI8(KT<int8_t>(block, kv_head) + slot, KScales(block, kv_head) + slot, m, head_dim, x);
+    return;
+  }
+  for (int32_t j = 0; j < m; ++j)
+    LoadK(block, kv_head, slot + j, x + static_cast<int64_t>(j) * head_dim);
+}
+
+void PagedKvLayout::StoreKRows(int32_t block, int32_t kv_head, int32_t slot, int32_t m,
+                               const float* x) const {
+  static const bool avx512 = __builtin_cpu_supports("avx512f") &&
+                             __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl");
+  if (dtype == KvDtype::kI8 && avx512 && block_size == 16 && head_dim % 16 == 0 &&
+      head_dim <= 512) {
+    StoreKRowsI8(x, m, head_dim, KT<int8_t>(block, kv_head) + slot, KScales(block, kv_head) + slot);
+    return;
+  }
+  for (int32_t j = 0; j < m; ++j)
+    StoreK(block, kv_head, slot + j, x + static_cast<int64_t>(j) * head_dim);
+}
 
 // int8: scale = max|x| / 127 (0 for an all-zero vector), q = x / scale rounded to nearest even.
 // A vector holding inf or NaN gets a non-finite scale and reads back as NaN.
@@ -100,7 +202,8 @@ void PagedKvLayout::LoadK(int32_t block, int32_t kv_head, int32_t slot, float* k
     for (int32_t t = 0; t < head_dim; ++t) k[t] = kt[static_cast<int64_t>(t) * block_size];
   } else {
     const uint16_t* kt = static_cast<const uint16_t*>(base) + o;
-    for (int32_t t = 0; t < head_dim; ++t) k[t] = F16ToF32(kt[static_cast<int64_t>(t) * block_size]);
+    for (int32_t t = 0; t < head_dim; ++t)
+      k[t] = F16ToF32(kt[static_cast<int64_t>(t) * block_size]);
   }
 }
 
@@ -200,7 +303,8 @@ __attribute__((target("avx512f"))) inline __m512 Load16(const uint16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 __attribute__((target("avx512f"))) inline __m512 Load16(const int8_t* p) {  // unscaled
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  return _mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
 // Scores of NQ queries (q: [NQ][d], already scaled) against one block of 16 slots (kt: K
@@ -210,8 +314,7 @@ __attribute__((target("avx512f"))) inline __m512 Load16(const int8_t* p) {  // u
 // loop (see DecodeRange).
 template <typename T, int NQ>
 __attribute__((target("avx512f"))) inline void ScoresRegs(const T* kt, const float* q, int32_t d,
-                                                          __m512 (&s)[NQ],
-                                                          const char* pf = nullptr,
+                                                          __m512 (&s)[NQ], const char* pf = nullptr,
                                                           int64_t pf_bytes = 0) {
   constexpr int C = NQ >= 8 ? 1 : 8 / NQ;
   __m512 a[NQ][C];
@@ -281,8 +384,7 @@ __attribute__((target("avx512f"))) void AccumulateSlab(const T* vb, const float*
     const T* v0 = vb + static_cast<int64_t>(j) * d + t0;
     for (int w = 0; w < W; ++w) {
       const __m512 x0 = Load16(v0 + 16 * w);
-      for (int i = 0; i < NQ; ++i)
-        a[i][w] = _mm512_fmadd_ps(_mm512_set1_ps(p[i][j]), x0, a[i][w]);
+      for (int i = 0; i < NQ; ++i) a[i][w] = _mm512_fmadd_ps(_mm512_set1_ps(p[i][j]), x0, a[i][w]);
     }
   }
   for (int i = 0; i < NQ; ++i)
@@ -359,10 +461,10 @@ inline void PrefetchL2(const void* p, int64_t bytes) {
 
 // Per-thread scratch, kept across calls (OpenMP's threads persist): no allocation per layer.
 struct Scratch {
-  std::vector<float> q;    // [nq][d] scaled queries of the work item
-  std::vector<float> s;    // [nq][slots] scores, then probabilities
-  std::vector<float> m, l;  // [nq] running max and sum
-  std::vector<float> acc;  // [nq][d]
+  std::vector<float> q;      // [nq][d] scaled queries of the work item
+  std::vector<float> s;      // [nq][slots] scores, then probabilities
+  std::vector<float> m, l;   // [nq] running max and sum
+  std::vector<float> acc;    // [nq][d]
   std::vector<int32_t> pos;  // [nq] position of each query's row
 
   // Room for nq queries of head_dim d with `slots` scores each (grows, never shrinks).
@@ -490,8 +592,7 @@ void RunItem(const WorkItem& it, const float* q, int64_t q_stride, const PagedKv
           const int32_t qi = qi0 + i;
           const int32_t n = std::min(bs, sc.pos[qi] - b * bs + 1);
           int32_t run = 1;
-          while (run < 4 && i + run < nq1 &&
-                 std::min(bs, sc.pos[qi + run] - b * bs + 1) == n) {
+          while (run < 4 && i + run < nq1 && std::min(bs, sc.pos[qi + run] - b * bs + 1) == n) {
             ++run;
           }
           if (n > 0) {
@@ -503,10 +604,18 @@ void RunItem(const WorkItem& it, const float* q, int64_t q_stride, const PagedKv
             }
             if (wide) {
               switch (run) {
-                case 4: AccumulateV<T, 4>(vb, p, n, d, acc); break;
-                case 3: AccumulateV<T, 3>(vb, p, n, d, acc); break;
-                case 2: AccumulateV<T, 2>(vb, p, n, d, acc); break;
-                default: AccumulateV<T, 1>(vb, p, n, d, acc); break;
+                case 4:
+                  AccumulateV<T, 4>(vb, p, n, d, acc);
+                  break;
+                case 3:
+                  AccumulateV<T, 3>(vb, p, n, d, acc);
+                  break;
+                case 2:
+                  AccumulateV<T, 2>(vb, p, n, d, acc);
+                  break;
+                default:
+                  AccumulateV<T, 1>(vb, p, n, d, acc);
+                  break;
               }
             } else {
               for (int32_t r = 0; r < run; ++r)
@@ -607,9 +716,9 @@ __attribute__((target("avx512f"))) inline void DecodeV(const T* vg, const float*
 // sequence. qs: [H][d] scaled queries; m, l: [H] running max and sum; acc: [H][d]; p: [H][16].
 template <typename T, int G>
 __attribute__((target("avx512f"))) void DecodeRange(const PagedKvLayout& kv,
-                                                    const AttentionSeq& seq, int32_t b0,
-                                                    int32_t b1, const float* qs, float* m,
-                                                    float* l, float* acc, float* p) {
+                                                    const AttentionSeq& seq, int32_t b0, int32_t b1,
+                                                    const float* qs, float* m, float* l, float* acc,
+                                                    float* p) {
   const int32_t d = kv.head_dim, n_kv = kv.n_kv_heads;
   const int64_t hs = kv.head_stride();
   const int32_t pos = seq.n_past;  // the new row's position
@@ -749,8 +858,8 @@ void DecodeAttention(const float* q, int64_t q_stride, const PagedKvLayout& kv,
     const int32_t n_blocks = seqs[s].n_past / bs + 1;
     const int32_t parts = std::clamp(n_blocks / 8, 1, want_parts);
     for (int32_t i = 0; i < parts; ++i) {
-      work.push_back({s, n_blocks * i / parts, n_blocks * (i + 1) / parts,
-                      parts == 1 ? -1 : n_parts++});
+      work.push_back(
+          {s, n_blocks * i / parts, n_blocks * (i + 1) / parts, parts == 1 ? -1 : n_parts++});
     }
   }
   const int64_t per_part = static_cast<int64_t>(n_heads) * (d + 2);  // m, l, acc[d] per head
@@ -772,15 +881,14 @@ void DecodeAttention(const float* q, int64_t q_stride, const PagedKvLayout& kv,
       std::fill(m, m + n_heads, -INFINITY);
       std::fill(l, l + n_heads, 0.f);
       std::fill(acc, acc + static_cast<int64_t>(n_heads) * d, 0.f);
-      using Fn = void (*)(const PagedKvLayout&, const AttentionSeq&, int32_t, int32_t,
-                          const float*, float*, float*, float*, float*);
-      constexpr Fn kRanges[3][4] = {
-          {DecodeRange<float, 1>, DecodeRange<float, 2>, DecodeRange<float, 4>,
-           DecodeRange<float, 8>},
-          {DecodeRange<uint16_t, 1>, DecodeRange<uint16_t, 2>, DecodeRange<uint16_t, 4>,
-           DecodeRange<uint16_t, 8>},
-          {DecodeRange<int8_t, 1>, DecodeRange<int8_t, 2>, DecodeRange<int8_t, 4>,
-           DecodeRange<int8_t, 8>}};
+      using Fn = void (*)(const PagedKvLayout&, const AttentionSeq&, int32_t, int32_t, const float*,
+                          float*, float*, float*, float*);
+      constexpr Fn kRanges[3][4] = {{DecodeRange<float, 1>, DecodeRange<float, 2>,
+                                     DecodeRange<float, 4>, DecodeRange<float, 8>},
+                                    {DecodeRange<uint16_t, 1>, DecodeRange<uint16_t, 2>,
+                                     DecodeRange<uint16_t, 4>, DecodeRange<uint16_t, 8>},
+                                    {DecodeRange<int8_t, 1>, DecodeRange<int8_t, 2>,
+                                     DecodeRange<int8_t, 4>, DecodeRange<int8_t, 8>}};
       const Fn run = kRanges[static_cast<int>(kv.dtype)][DecodeGroupIndex(group)];
       run(kv, seq, it.b0, it.b1, qs, m, l, acc, p);
       if (it.part < 0) {
@@ -884,8 +992,7 @@ void PagedAttention(const float* q, int64_t q_stride, const PagedKvLayout& kv,
         RunItem<uint16_t>(it, q, q_stride, kv, seqs[it.seq], group, scale, wide, sc, out,
                           out_stride);
       } else {
-        RunItem<int8_t>(it, q, q_stride, kv, seqs[it.seq], group, scale, wide, sc, out,
-                        out_stride);
+        RunItem<int8_t>(it, q, q_stride, kv, seqs[it.seq], group, scale, wide, sc, out, out_stride);
       }
     }
   }

@@ -209,12 +209,8 @@ void PackI8(const kernels::PagedKvLayout& l, const int32_t* blocks, int32_t t0, 
             KvPart part, WireType type, uint8_t* wire, float* scales) {
   const int32_t n = t1 - t0, d = l.head_dim, bs = l.block_size;
   const size_t row_bytes = static_cast<size_t>(d) * WireElemSize(type);
-  // f32 staging for the other wires: a block's rows, and (K) its columns before the transpose.
-  std::vector<float> tmp, tmp_t;
-  if (type != WireType::kInt8) {
-    tmp.resize(static_cast<size_t>(std::min(bs, n)) * d);
-    tmp_t.resize(tmp.size());
-  }
+  std::vector<float> tmp;  // f32 staging for the other wires: a block's rows
+  if (type != WireType::kInt8) tmp.resize(static_cast<size_t>(std::min(bs, n)) * d);
   for (int32_t h = 0; h < l.n_kv_heads; ++h) {
     for (int32_t t = t0; t < t1;) {
       const int32_t b = blocks[t / bs], s0 = t % bs, m = std::min(bs - s0, t1 - t);
@@ -235,13 +231,7 @@ void PackI8(const kernels::PagedKvLayout& l, const int32_t* blocks, int32_t t0, 
         }
       } else {
         if (k) {
-          const int8_t* kt = l.KT<int8_t>(b, h) + s0;
-          for (int32_t i = 0; i < d; ++i) {
-            float* dst = tmp_t.data() + static_cast<int64_t>(i) * m;
-            const int8_t* src = kt + static_cast<int64_t>(i) * bs;
-            for (int32_t j = 0; j < m; ++j) dst[j] = static_cast<float>(src[j]) * sc[j];
-          }
-          Transpose(tmp_t.data(), m, tmp.data(), d, d, m);
+          l.LoadKRows(b, h, s0, m, tmp.data());  // K is transposed in the block
         } else {
           const auto* q = reinterpret_cast<const uint8_t*>(l.V<int8_t>(b, h, s0));
           for (int32_t j = 0; j < m; ++j)
@@ -280,11 +270,18 @@ void UnpackI8(const kernels::PagedKvLayout& l, const int32_t* blocks, int32_t t0
           std::memcpy(l.V<int8_t>(b, h, s0), in, static_cast<size_t>(m) * d);
         }
       } else {
-        DecodeRows(in, m, d, type, nullptr, tmp.data());
-        for (int32_t j = 0; j < m; ++j) {
-          const float* x = tmp.data() + static_cast<int64_t>(j) * d;
-          sc[j] = k ? kernels::QuantizeKvI8(x, d, bs, l.KT<int8_t>(b, h) + s0 + j)
-                    : kernels::QuantizeKvI8(x, d, 1, l.V<int8_t>(b, h, s0 + j));
+        // An f32 wire is read in place (wire buffers are heap strings: 4-byte aligned rows).
+        const float* x = reinterpret_cast<const float*>(in);
+        if (type != WireType::kF32) {
+          DecodeRows(in, m, d, type, nullptr, tmp.data());
+          x = tmp.data();
+        }
+        if (k) {  // K is transposed in the block: the rows go in together
+          l.StoreKRows(b, h, s0, m, x);
+        } else {
+          for (int32_t j = 0; j < m; ++j)
+            sc[j] = kernels::QuantizeKvI8(x + static_cast<int64_t>(j) * d, d, 1,
+                                          l.V<int8_t>(b, h, s0 + j));
         }
       }
       t += m;

@@ -1,10 +1,11 @@
 #include "duet/kernels/ops.h"
 
-#include <catch2/catch.hpp>
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <random>
 #include <tuple>
 #include <vector>
 
@@ -74,7 +75,8 @@ TEST_CASE("Rope rotates pairs (i, i + d/2) by position * inv_freq", "[ops]") {
 }
 
 TEST_CASE("PagedAttention equals dense causal attention across scattered blocks", "[attention]") {
-  // 1 sequence, 5 positions, block size 2, blocks scattered as 3,0,2; 2 query heads share 1 kv head.
+  // 1 sequence, 5 positions, block size 2, blocks scattered as 3,0,2; 2 query heads share 1 kv
+  // head.
   const int32_t bs = 2, d = 4, n_blocks = 4, T = 5;
   std::vector<float> pool(n_blocks * 2 * bs * d);
   k::PagedKvLayout kv;
@@ -188,7 +190,7 @@ double WorstVsDense(k::KvDtype dtype, int32_t d, int32_t n_heads, int32_t n_kv,
   kv.n_kv_heads = n_kv;
   kv.head_dim = d;
   std::vector<std::vector<float>> K(n_seqs), V(n_seqs);  // [pos][kv_head][d], as the cache holds
-  std::vector<float> Q;                                   // [row][head][d]
+  std::vector<float> Q;                                  // [row][head][d]
   std::vector<k::AttentionSeq> seqs;
   int32_t row = 0;
   double worst_held = 0;  // int8: |held - stored| / (max |row| / 254), at most 1
@@ -211,8 +213,8 @@ double WorstVsDense(k::KvDtype dtype, int32_t d, int32_t n_heads, int32_t n_kv,
         kv.StoreK(block, h, slot, kr);
         kv.StoreV(block, h, slot, vr);
         // Read back what the cache holds: f32 exactly, f16 rounded, int8 within half a step.
-        for (auto [x, load] : {std::pair{kr, &k::PagedKvLayout::LoadK},
-                               std::pair{vr, &k::PagedKvLayout::LoadV}}) {
+        for (auto [x, load] :
+             {std::pair{kr, &k::PagedKvLayout::LoadK}, std::pair{vr, &k::PagedKvLayout::LoadV}}) {
           (kv.*load)(block, h, slot, back.data());
           float amax = 0;
           for (int32_t t = 0; t < d; ++t) amax = std::max(amax, std::fabs(x[t]));
@@ -295,21 +297,20 @@ TEST_CASE("PagedAttention at real shapes equals dense causal attention", "[atten
 // the path's 64- or 32-column passes; 3 heads per kv head take the general path.
 TEST_CASE("PagedAttention of a decode step equals dense causal attention", "[attention]") {
   const std::vector<std::vector<SeqSpec>> batches = {
-      {{0, 1}},                                            // a first token
-      {{1000, 1}},                                         // one long context: split
+      {{0, 1}},                                                // a first token
+      {{1000, 1}},                                             // one long context: split
       {{15, 1}, {16, 1}, {4, 1}, {31, 1}, {700, 1}, {63, 1}},  // block edges, mixed lengths
       {{300, 1}, {129, 1}},
   };
   for (const auto dtype : {k::KvDtype::kF32, k::KvDtype::kF16, k::KvDtype::kI8}) {
     for (const auto& [d, n_heads, n_kv] :
-         {std::tuple{64, 12, 12}, std::tuple{32, 4, 2}, std::tuple{128, 4, 4},
-          std::tuple{80, 6, 3}, std::tuple{64, 8, 2}, std::tuple{64, 32, 4},
-          std::tuple{80, 16, 2}, std::tuple{48, 8, 2}, std::tuple{80, 8, 2},
-          std::tuple{48, 16, 2}, std::tuple{48, 4, 4}, std::tuple{96, 4, 2}, std::tuple{16, 16, 2},
-          std::tuple{64, 6, 2}}) {
+         {std::tuple{64, 12, 12}, std::tuple{32, 4, 2}, std::tuple{128, 4, 4}, std::tuple{80, 6, 3},
+          std::tuple{64, 8, 2}, std::tuple{64, 32, 4}, std::tuple{80, 16, 2}, std::tuple{48, 8, 2},
+          std::tuple{80, 8, 2}, std::tuple{48, 16, 2}, std::tuple{48, 4, 4}, std::tuple{96, 4, 2},
+          std::tuple{16, 16, 2}, std::tuple{64, 6, 2}}) {
       for (size_t b = 0; b < batches.size(); ++b) {
-        INFO("cache " << Name(dtype) << ", head_dim " << d << ", " << n_heads << " heads, "
-                      << n_kv << " kv heads, batch " << b);
+        INFO("cache " << Name(dtype) << ", head_dim " << d << ", " << n_heads << " heads, " << n_kv
+                      << " kv heads, batch " << b);
         CHECK(WorstVsDense(dtype, d, n_heads, n_kv, batches[b]) < 2e-5);
       }
     }
@@ -361,9 +362,8 @@ TEST_CASE("The int8 K/V cache quantizes each vector with its own scale", "[atten
   std::vector<float> x(d), zeros(d, 0.f), out(d);
   for (int32_t t = 0; t < d; ++t) x[t] = 0.01f * (t - 11) * (t % 3 == 0 ? -1.f : 1.f);
   x[5] = -3.5f;  // the largest magnitude
-  for (auto [store, load] :
-       {std::pair{&k::PagedKvLayout::StoreK, &k::PagedKvLayout::LoadK},
-        std::pair{&k::PagedKvLayout::StoreV, &k::PagedKvLayout::LoadV}}) {
+  for (auto [store, load] : {std::pair{&k::PagedKvLayout::StoreK, &k::PagedKvLayout::LoadK},
+                             std::pair{&k::PagedKvLayout::StoreV, &k::PagedKvLayout::LoadV}}) {
     (kv.*store)(0, 1, 9, x.data());
     (kv.*store)(0, 0, 9, zeros.data());  // a neighbour in the same block: its own scale
     (kv.*load)(0, 1, 9, out.data());
@@ -379,4 +379,66 @@ TEST_CASE("The int8 K/V cache quantizes each vector with its own scale", "[atten
   kv.StoreV(0, 1, 2, x.data());
   kv.LoadV(0, 1, 2, out.data());
   CHECK(std::isnan(out[0]));  // not representable: the vector reads back as NaN
+}
+
+TEST_CASE("StoreKRows and LoadKRows do what StoreK and LoadK do row by row, in every cache type",
+          "[attention]") {
+  // Two layouts over separate pools, filled with the same rows: one row by row with StoreK,
+  // one with StoreKRows over runs that start mid-block, end mid-block and fill whole blocks.
+  // Head sizes 64 (the int8 cache's vector path) and 24 (not a multiple of 16: the row path).
+  const int32_t d = GENERATE(64, 24);
+  const auto dtype = GENERATE(k::KvDtype::kI8, k::KvDtype::kF16, k::KvDtype::kF32);
+  const int32_t bs = 16, n_kv = 3, n_blocks = 3;
+  const int64_t stride = k::KvLayerBlockElements(dtype, n_kv, bs, d);
+  const size_t bytes = static_cast<size_t>(stride * n_blocks) * k::KvDtypeSize(dtype);
+  std::vector<uint8_t> pool_a(bytes, 0xA5), pool_b(bytes, 0xA5);
+  auto layout = [&](std::vector<uint8_t>& pool) {
+    k::PagedKvLayout kv;
+    kv.base = pool.data();
+    kv.dtype = dtype;
+    kv.block_stride = stride;
+    kv.block_size = bs;
+    kv.n_kv_heads = n_kv;
+    kv.head_dim = d;
+    return kv;
+  };
+  const k::PagedKvLayout a = layout(pool_a), b = layout(pool_b);
+  std::mt19937 gen(5);
+  std::normal_distribution<float> nd(0.f, 2.f);
+  const int32_t n_rows = 40;  // slots 3..42 of blocks 2, 0, 1 (a scattered block table)
+  const int32_t table[3] = {2, 0, 1};
+  std::vector<float> rows(static_cast<size_t>(n_rows) * d);
+  for (auto& v : rows) v = nd(gen);
+  for (int32_t t = 0; t < d; ++t) rows[5 * d + t] = 0.f;  // an all-zero row
+  rows[9 * d + 3] = std::nanf("");                        // a row holding NaN
+  rows[11 * d + 1] = 1e30f;                               // and one far beyond the rest
+  for (int32_t h = 0; h < n_kv; ++h) {
+    for (int32_t r = 0; r < n_rows; ++r) {
+      const int32_t pos = 3 + r;
+      a.StoreK(table[pos / bs], h, pos % bs, rows.data() + static_cast<int64_t>(r) * d);
+    }
+    for (int32_t r = 0; r < n_rows;) {
+      const int32_t pos = 3 + r, slot = pos % bs, m = std::min(bs - slot, n_rows - r);
+      b.StoreKRows(table[pos / bs], h, slot, m, rows.data() + static_cast<int64_t>(r) * d);
+      r += m;
+    }
+  }
+  INFO("head_dim " << d << " dtype " << static_cast<int>(dtype));
+  REQUIRE(pool_a == pool_b);
+  // And LoadKRows reads back what LoadK reads, over the same runs (NaN where LoadK gives NaN).
+  for (int32_t h = 0; h < n_kv; ++h) {
+    for (int32_t r = 0; r < n_rows;) {
+      const int32_t pos = 3 + r, slot = pos % bs, m = std::min(bs - slot, n_rows - r);
+      std::vector<float> got(static_cast<size_t>(m) * d), want(d);
+      b.LoadKRows(table[pos / bs], h, slot, m, got.data());
+      for (int32_t j = 0; j < m; ++j) {
+        a.LoadK(table[pos / bs], h, slot + j, want.data());
+        for (int32_t t = 0; t < d; ++t) {
+          const float g = got[static_cast<size_t>(j) * d + t];
+          REQUIRE((g == want[t] || (std::isnan(g) && std::isnan(want[t]))));
+        }
+      }
+      r += m;
+    }
+  }
 }

@@ -16,9 +16,7 @@ namespace duet::kernels {
 // nearest even). Attention computes in f32 in every case.
 enum class KvDtype { kF32, kF16, kI8 };
 
-inline size_t KvDtypeSize(KvDtype t) {
-  return t == KvDtype::kF32 ? 4 : t == KvDtype::kF16 ? 2 : 1;
-}
+inline size_t KvDtypeSize(KvDtype t) { return t == KvDtype::kF32 ? 4 : t == KvDtype::kF16 ? 2 : 1; }
 
 // Elements of `t` that one layer of one block takes: K and V, and for int8 the K and V scales
 // after them (n_kv_heads x block_size f32 each, counted in int8 elements, i.e. bytes).
@@ -37,11 +35,11 @@ inline int64_t KvLayerBlockElements(KvDtype t, int32_t n_kv_heads, int32_t block
 // [n_kv_heads][block_size][head_dim]. Offsets and strides count elements of `dtype`. An int8
 // cache keeps after V the K scales, then the V scales, each f32 [n_kv_heads][block_size].
 struct PagedKvLayout {
-  void* base = nullptr;          // block 0
+  void* base = nullptr;  // block 0
   KvDtype dtype = KvDtype::kF32;
-  int64_t block_stride = 0;      // elements from one block's K/V of this layer to the next's
-  int64_t layer_offset = 0;      // elements from a block's start to this layer's K
-  int32_t block_size = 0;        // tokens per block
+  int64_t block_stride = 0;  // elements from one block's K/V of this layer to the next's
+  int64_t layer_offset = 0;  // elements from a block's start to this layer's K
+  int32_t block_size = 0;    // tokens per block
   int32_t n_kv_heads = 0;
   int32_t head_dim = 0;
 
@@ -88,6 +86,12 @@ struct PagedKvLayout {
   void StoreK(int32_t block, int32_t kv_head, int32_t slot, const float* k) const;
   void LoadK(int32_t block, int32_t kv_head, int32_t slot, float* k) const;
   void StoreV(int32_t block, int32_t kv_head, int32_t slot, const float* v) const;
+  // StoreK of rows x[0, m) (f32 [m][head_dim]) into slots [slot, slot + m) of one block
+  // (slot + m <= block_size): the same bytes, faster for an int8 cache, whose transposed K takes
+  // one byte per K line from each row (what the K/V codec uses to fill a block).
+  void StoreKRows(int32_t block, int32_t kv_head, int32_t slot, int32_t m, const float* x) const;
+  // LoadK of slots [slot, slot + m) of one block into rows x[0, m): the same values.
+  void LoadKRows(int32_t block, int32_t kv_head, int32_t slot, int32_t m, float* x) const;
   void LoadV(int32_t block, int32_t kv_head, int32_t slot, float* v) const;
   // Asks the cache for the lines that StoreK and StoreV of (block, slot) will write, every kv
   // head's: a slot's K is one element of every K row, so a decode step's new row touches all
