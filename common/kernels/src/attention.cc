@@ -74,12 +74,12 @@ __attribute__((target("avx512f"))) inline void Transpose16x16(const __m512 (&r)[
 // StoreKRows for an int8 cache with 16-slot blocks and head_dim a multiple of 16: each row's
 // scale as QuantizeKvI8 computes it, then 16 dims at a time transposed in registers, so that
 // each K row of the block (one dim, 16 slots) is quantized and stored as one 16-byte vector.
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void StoreKRowsI8(const float* x, int32_t m,
-                                                                       int32_t d, int8_t* kt,
-                                                                       float* scales) {
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void StoreKRowsI8(const float* x, int64_t ld,
+                                                                       int32_t m, int32_t d,
+                                                                       int8_t* kt, float* scales) {
   alignas(64) float inv[16] = {};
   for (int32_t j = 0; j < m; ++j) {
-    const float scale = AbsMax16(x + static_cast<int64_t>(j) * d, d) / 127.f;
+    const float scale = AbsMax16(x + j * ld, d) / 127.f;
     scales[j] = scale;
     inv[j] = scale > 0.f && std::isfinite(scale) ? 1.f / scale : 0.f;
   }
@@ -88,7 +88,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void StoreKRowsI8(const flo
   for (int32_t i0 = 0; i0 < d; i0 += 16) {
     __m512 r[16], c[16];
     for (int32_t j = 0; j < 16; ++j)
-      r[j] = j < m ? _mm512_loadu_ps(x + static_cast<int64_t>(j) * d + i0) : _mm512_setzero_ps();
+      r[j] = j < m ? _mm512_loadu_ps(x + j * ld + i0) : _mm512_setzero_ps();
     Transpose16x16(r, c);
     for (int32_t i = 0; i < 16; ++i) {
       const __m512 q = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(c[i], vinv), lo), hi);
@@ -134,17 +134,18 @@ void PagedKvLayout::LoadKRows(int32_t block, int32_t kv_head, int32_t slot, int3
 }
 
 void PagedKvLayout::StoreKRows(int32_t block, int32_t kv_head, int32_t slot, int32_t m,
-                               const float* x) const {
+                               const float* x, int64_t x_stride) const {
+  const int64_t ld = x_stride > 0 ? x_stride : head_dim;
   static const bool avx512 = __builtin_cpu_supports("avx512f") &&
                              __builtin_cpu_supports("avx512bw") &&
                              __builtin_cpu_supports("avx512vl");
   if (dtype == KvDtype::kI8 && avx512 && block_size == 16 && head_dim % 16 == 0 &&
       head_dim <= 512) {
-    StoreKRowsI8(x, m, head_dim, KT<int8_t>(block, kv_head) + slot, KScales(block, kv_head) + slot);
+    StoreKRowsI8(x, ld, m, head_dim, KT<int8_t>(block, kv_head) + slot,
+                 KScales(block, kv_head) + slot);
     return;
   }
-  for (int32_t j = 0; j < m; ++j)
-    StoreK(block, kv_head, slot + j, x + static_cast<int64_t>(j) * head_dim);
+  for (int32_t j = 0; j < m; ++j) StoreK(block, kv_head, slot + j, x + j * ld);
 }
 
 // int8: scale = max|x| / 127 (0 for an all-zero vector), q = x / scale rounded to nearest even.

@@ -9,10 +9,10 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "duet/kernels/profile.h"
 #include "absl/strings/str_join.h"
 #include "duet/kernels/attention.h"
 #include "duet/kernels/ops.h"
+#include "duet/kernels/profile.h"
 #include "duet/model/fingerprint.h"
 #include "duet/model/safetensors.h"
 #include "duet/tensor/dtype.h"
@@ -70,11 +70,11 @@ class TensorTaker {
   absl::StatusOr<std::vector<float>> Take(const std::string& name,
                                           const std::vector<int64_t>& shape) {
     const TensorRef* t = files_.Find(name);
-    if (t == nullptr) return absl::InvalidArgumentError(absl::StrCat("missing tensor \"", name, "\""));
+    if (t == nullptr)
+      return absl::InvalidArgumentError(absl::StrCat("missing tensor \"", name, "\""));
     if (t->shape != shape) {
-      return absl::InvalidArgumentError(absl::StrCat("tensor \"", name, "\" has shape ",
-                                                     ShapeStr(t->shape), ", expected ",
-                                                     ShapeStr(shape)));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tensor \"", name, "\" has shape ", ShapeStr(t->shape), ", expected ", ShapeStr(shape)));
     }
     used_.insert(name);
     std::vector<float> out(static_cast<size_t>(t->numel()));
@@ -93,8 +93,8 @@ class TensorTaker {
           absl::EndsWith(name, "rotary_emb.inv_freq")) {
         continue;
       }
-      return absl::InvalidArgumentError(absl::StrCat("unexpected tensor \"", name, "\" ",
-                                                     ShapeStr(ref.shape)));
+      return absl::InvalidArgumentError(
+          absl::StrCat("unexpected tensor \"", name, "\" ", ShapeStr(ref.shape)));
     }
     return absl::OkStatus();
   }
@@ -150,9 +150,9 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const fs::path& dir,
   return model;
 }
 
-#define DUET_TAKE(var, name, ...)                   \
-  auto var##_or = taker.Take(name, {__VA_ARGS__});  \
-  if (!var##_or.ok()) return var##_or.status();     \
+#define DUET_TAKE(var, name, ...)                  \
+  auto var##_or = taker.Take(name, {__VA_ARGS__}); \
+  if (!var##_or.ok()) return var##_or.status();    \
   std::vector<float> var = std::move(*var##_or)
 
 absl::Status Model::Init(const fs::path& dir) {
@@ -260,8 +260,8 @@ absl::Status Model::Init(const fs::path& dir) {
       }
       L.norm1_w = std::move(n1);
       L.norm2_w = std::move(n2);
-      const auto qkv_w = Concat({&q, &k, &v});   // [(H+2Hkv)·D, E]
-      const auto gate_up = Concat({&g, &u});     // [2F, E]
+      const auto qkv_w = Concat({&q, &k, &v});  // [(H+2Hkv)·D, E]
+      const auto gate_up = Concat({&g, &u});    // [2F, E]
       auto qkv = Linear::Create(E, QD + 2 * KD, qkv_w.data(), WeightLayout::kNK,
                                 qkv_bias.empty() ? nullptr : qkv_bias.data(), prec);
       auto op = Linear::Create(QD, E, o.data(), WeightLayout::kNK, nullptr, prec);
@@ -311,15 +311,18 @@ absl::StatusOr<kernels::KvDtype> ParseKvCacheDtype(std::string_view name) {
   if (name == "f32") return kernels::KvDtype::kF32;
   if (name == "f16") return kernels::KvDtype::kF16;
   if (name == "int8") return kernels::KvDtype::kI8;
-  return absl::InvalidArgumentError(absl::StrCat(
-      "K/V cache dtype must be f32, f16 or int8, got \"", std::string(name), "\""));
+  return absl::InvalidArgumentError(
+      absl::StrCat("K/V cache dtype must be f32, f16 or int8, got \"", std::string(name), "\""));
 }
 
 const char* KvCacheDtypeName(kernels::KvDtype dtype) {
   switch (dtype) {
-    case kernels::KvDtype::kF32: return "f32";
-    case kernels::KvDtype::kF16: return "f16";
-    case kernels::KvDtype::kI8: return "int8";
+    case kernels::KvDtype::kF32:
+      return "f32";
+    case kernels::KvDtype::kF16:
+      return "f16";
+    case kernels::KvDtype::kI8:
+      return "int8";
   }
   return "?";
 }
@@ -337,8 +340,8 @@ kv::KvShape Model::kv_shape(int32_t block_size) const {
 size_t Model::weight_bytes() const {
   size_t n = w_->lm_head->weight_bytes();
   for (const auto& L : w_->layers)
-    n += L.qkv->weight_bytes() + L.o->weight_bytes() + L.up->weight_bytes() +
-         L.down->weight_bytes();
+    n +=
+        L.qkv->weight_bytes() + L.o->weight_bytes() + L.up->weight_bytes() + L.down->weight_bytes();
   return n;
 }
 
@@ -361,8 +364,8 @@ absl::Status Model::Forward(std::span<const BatchItem> items, std::vector<float>
     }
     for (size_t j = 0; j < i; ++j) {
       if (items[j].kv == it.kv) {
-        return absl::InvalidArgumentError(absl::StrCat("batch items ", j, " and ", i,
-                                                       " share one sequence"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("batch items ", j, " and ", i, " share one sequence"));
       }
     }
     for (int32_t t : it.tokens) {
@@ -377,8 +380,8 @@ absl::Status Model::Forward(std::span<const BatchItem> items, std::vector<float>
           absl::StrCat("sequence of ", end, " tokens exceeds the context of ", c.n_ctx));
     }
     if (end > it.kv->capacity()) {
-      return absl::InvalidArgumentError(absl::StrCat("K/V capacity ", it.kv->capacity(),
-                                                     " < ", end, " tokens"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("K/V capacity ", it.kv->capacity(), " < ", end, " tokens"));
     }
     M += static_cast<int64_t>(it.tokens.size());
     n_out += it.all_logits ? static_cast<int64_t>(it.tokens.size()) : 1;
@@ -470,15 +473,16 @@ absl::Status Model::Forward(std::span<const BatchItem> items, std::vector<float>
       for (int64_t pair = 0; pair < n_pairs; ++pair) {
         const auto& seq = s.seqs[pair / c.n_kv_heads];
         const int32_t h = static_cast<int32_t>(pair % c.n_kv_heads);
-        for (int32_t j = 0; j < seq.n_new; ++j) {
-          const int64_t row = seq.row_begin + j;
+        // Block by block: a run of rows goes into K together (K is transposed in the block).
+        for (int32_t j = 0; j < seq.n_new;) {
           const int32_t pos = seq.n_past + j;
           const int32_t block = seq.block_table[pos / layout.block_size];
           const int32_t slot = pos % layout.block_size;
-          const float* k = s.qkv.data() + row * QKV + QD;
-          const float* v = k + KD;
-          layout.StoreK(block, h, slot, k + h * D);
-          layout.StoreV(block, h, slot, v + h * D);
+          const int32_t m = std::min(layout.block_size - slot, seq.n_new - j);
+          const float* k = s.qkv.data() + (seq.row_begin + j) * QKV + QD + h * D;
+          layout.StoreKRows(block, h, slot, m, k, QKV);
+          for (int32_t i = 0; i < m; ++i) layout.StoreV(block, h, slot + i, k + i * QKV + KD);
+          j += m;
         }
       }
     }
@@ -488,8 +492,8 @@ absl::Status Model::Forward(std::span<const BatchItem> items, std::vector<float>
     {
       ScopedOp prof(Op::kAttention);
       kernels::PagedAttention(s.qkv.data(), QKV, layout, s.seqs.data(),
-                              static_cast<int32_t>(s.seqs.size()), c.n_heads, scale,
-                              s.attn.data(), QD);
+                              static_cast<int32_t>(s.seqs.size()), c.n_heads, scale, s.attn.data(),
+                              QD);
     }
     {
       ScopedOp prof(Op::kOut);
@@ -524,8 +528,7 @@ absl::Status Model::Forward(std::span<const BatchItem> items, std::vector<float>
     }
     {
       ScopedOp prof(Op::kMlpDown);
-      if (auto st = L.down->Forward(gpt2 ? s.ff.data() : s.act.data(), M, s.tmp.data());
-          !st.ok())
+      if (auto st = L.down->Forward(gpt2 ? s.ff.data() : s.act.data(), M, s.tmp.data()); !st.ok())
         return st;
     }
     {

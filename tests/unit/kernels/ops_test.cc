@@ -419,7 +419,15 @@ TEST_CASE("StoreKRows and LoadKRows do what StoreK and LoadK do row by row, in e
     }
     for (int32_t r = 0; r < n_rows;) {
       const int32_t pos = 3 + r, slot = pos % bs, m = std::min(bs - slot, n_rows - r);
-      b.StoreKRows(table[pos / bs], h, slot, m, rows.data() + static_cast<int64_t>(r) * d);
+      if (r % 2 == 0) {
+        b.StoreKRows(table[pos / bs], h, slot, m, rows.data() + static_cast<int64_t>(r) * d);
+      } else {  // the same rows d + 5 floats apart (x_stride)
+        std::vector<float> spaced(static_cast<size_t>(m) * (d + 5), NAN);
+        for (int32_t j = 0; j < m; ++j)
+          std::copy_n(rows.data() + static_cast<int64_t>(r + j) * d, d,
+                      spaced.data() + static_cast<int64_t>(j) * (d + 5));
+        b.StoreKRows(table[pos / bs], h, slot, m, spaced.data(), d + 5);
+      }
       r += m;
     }
   }

@@ -86,10 +86,12 @@ struct PagedKvLayout {
   void StoreK(int32_t block, int32_t kv_head, int32_t slot, const float* k) const;
   void LoadK(int32_t block, int32_t kv_head, int32_t slot, float* k) const;
   void StoreV(int32_t block, int32_t kv_head, int32_t slot, const float* v) const;
-  // StoreK of rows x[0, m) (f32 [m][head_dim]) into slots [slot, slot + m) of one block
-  // (slot + m <= block_size): the same bytes, faster for an int8 cache, whose transposed K takes
-  // one byte per K line from each row (what the K/V codec uses to fill a block).
-  void StoreKRows(int32_t block, int32_t kv_head, int32_t slot, int32_t m, const float* x) const;
+  // StoreK of rows x[0, m) (f32, head_dim each, x_stride floats apart; 0: head_dim) into slots
+  // [slot, slot + m) of one block (slot + m <= block_size): the same bytes, faster for an int8
+  // cache, whose transposed K takes one byte per K line from each row (the K/V codec and
+  // prefill's K/V writes fill blocks with it).
+  void StoreKRows(int32_t block, int32_t kv_head, int32_t slot, int32_t m, const float* x,
+                  int64_t x_stride = 0) const;
   // LoadK of slots [slot, slot + m) of one block into rows x[0, m): the same values.
   void LoadKRows(int32_t block, int32_t kv_head, int32_t slot, int32_t m, float* x) const;
   void LoadV(int32_t block, int32_t kv_head, int32_t slot, float* v) const;
