@@ -18,6 +18,13 @@ namespace duet::kernels {
 
 namespace {
 
+// What StoreKRows / LoadKRows need for their int8 path (byte masks on 16-byte vectors).
+bool HasAvx512BwVl() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  return has;
+}
+
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -122,10 +129,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void LoadKRowsI8(const int8
 
 void PagedKvLayout::LoadKRows(int32_t block, int32_t kv_head, int32_t slot, int32_t m,
                               float* x) const {
-  static const bool avx512 = __builtin_cpu_supports("avx512f") &&
-                             __builtin_cpu_supports("avx512bw") &&
-                             __builtin_cpu_supports("avx512vl");
-  if (dtype == KvDtype::kI8 && avx512 && block_size == 16 && head_dim % 16 == 0) {
+  if (dtype == KvDtype::kI8 && HasAvx512BwVl() && block_size == 16 && head_dim % 16 == 0) {
     LoadKRowsI8(KT<int8_t>(block, kv_head) + slot, KScales(block, kv_head) + slot, m, head_dim, x);
     return;
   }
@@ -136,11 +140,7 @@ void PagedKvLayout::LoadKRows(int32_t block, int32_t kv_head, int32_t slot, int3
 void PagedKvLayout::StoreKRows(int32_t block, int32_t kv_head, int32_t slot, int32_t m,
                                const float* x, int64_t x_stride) const {
   const int64_t ld = x_stride > 0 ? x_stride : head_dim;
-  static const bool avx512 = __builtin_cpu_supports("avx512f") &&
-                             __builtin_cpu_supports("avx512bw") &&
-                             __builtin_cpu_supports("avx512vl");
-  if (dtype == KvDtype::kI8 && avx512 && block_size == 16 && head_dim % 16 == 0 &&
-      head_dim <= 512) {
+  if (dtype == KvDtype::kI8 && HasAvx512BwVl() && block_size == 16 && head_dim % 16 == 0) {
     StoreKRowsI8(x, ld, m, head_dim, KT<int8_t>(block, kv_head) + slot,
                  KScales(block, kv_head) + slot);
     return;
@@ -232,7 +232,6 @@ void PagedKvLayout::PrefetchSlot(int32_t block, int32_t slot) const {
     for (int64_t at = 0; at < head_dim * es; at += 64) _mm_prefetch(v + at, _MM_HINT_T0);
   }
   if (dtype == KvDtype::kI8) {
-    _mm_prefetch(reinterpret_cast<const char*>(KScales(block, 0) + slot), _MM_HINT_T0);
     for (int32_t h = 0; h < n_kv_heads; ++h) {
       _mm_prefetch(reinterpret_cast<const char*>(KScales(block, h) + slot), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(VScales(block, h) + slot), _MM_HINT_T0);
@@ -308,6 +307,26 @@ __attribute__((target("avx512f"))) inline __m512 Load16(const int8_t* p) {  // u
       _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
+// Asks for [p, p + bytes) in L2 a few lines at a time, over `steps` calls of Step() (the decode
+// path spreads its prefetch of the next block through its loops: see DecodeRange); Finish()
+// asks for what the steps left. A null p asks for nothing.
+class SpreadL2Prefetch {
+ public:
+  SpreadL2Prefetch(const char* p, int64_t bytes, int32_t steps)
+      : p_(p), bytes_(p != nullptr ? bytes : 0), per_step_((bytes_ / 64 + steps - 1) / steps) {}
+  void Step() {
+    for (int64_t z = 0; z < per_step_ && at_ < bytes_; ++z, at_ += 64)
+      _mm_prefetch(p_ + at_, _MM_HINT_T2);
+  }
+  void Finish() {
+    for (; at_ < bytes_; at_ += 64) _mm_prefetch(p_ + at_, _MM_HINT_T2);
+  }
+
+ private:
+  const char* p_;
+  int64_t bytes_, per_step_, at_ = 0;
+};
+
 // Scores of NQ queries (q: [NQ][d], already scaled) against one block of 16 slots (kt: K
 // transposed [d][16]): s[i] = q_i . k_j for the 16 slots j, unscaled by any int8 K scale. Each K
 // row is loaded once for all NQ queries; C independent chains per query keep eight FMAs in
@@ -321,12 +340,9 @@ __attribute__((target("avx512f"))) inline void ScoresRegs(const T* kt, const flo
   __m512 a[NQ][C];
   for (int i = 0; i < NQ; ++i)
     for (int c = 0; c < C; ++c) a[i][c] = _mm512_setzero_ps();
-  const int32_t steps = (d + C - 1) / C;
-  const int64_t lines_per_step = pf != nullptr ? (pf_bytes / 64 + steps - 1) / steps : 0;
-  int64_t pf_at = 0;
+  SpreadL2Prefetch ahead(pf, pf_bytes, (d + C - 1) / C);
   for (int32_t t = 0; t < d; t += C) {
-    for (int64_t z = 0; z < lines_per_step && pf_at < pf_bytes; ++z, pf_at += 64)
-      _mm_prefetch(pf + pf_at, _MM_HINT_T2);
+    ahead.Step();
     for (int c = 0; c < C; ++c) {
       const __m512 k = Load16(kt + static_cast<int64_t>(t + c) * 16);
       for (int i = 0; i < NQ; ++i)
@@ -450,15 +466,14 @@ void SoftmaxChunkScalar(float* s, int32_t n_valid, int32_t len, float* m, float*
 // Asks for [p, p + bytes) in L1 ahead of use. The hardware prefetchers stop at 4 KiB pages and
 // a block's K (or V) of one kv head is only 1-4 KiB, so without this every block starts with
 // DRAM latency (measured: most of attention's time stalled on the first K row of a block).
-inline void Prefetch(const void* p, int64_t bytes) {
+// PrefetchL2 asks for them in L2 only (the decode path: see DecodeRange).
+template <_mm_hint kHint>
+inline void PrefetchLines(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
-  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, kHint);
 }
-// The same into L2 only (the decode path's int8 cache: see DecodeRange).
-inline void PrefetchL2(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T2);
-}
+inline void Prefetch(const void* p, int64_t bytes) { PrefetchLines<_MM_HINT_T0>(p, bytes); }
+inline void PrefetchL2(const void* p, int64_t bytes) { PrefetchLines<_MM_HINT_T2>(p, bytes); }
 
 // Per-thread scratch, kept across calls (OpenMP's threads persist): no allocation per layer.
 struct Scratch {
@@ -667,9 +682,7 @@ __attribute__((target("avx512f"))) inline void DecodeV(const T* vg, const float*
                                                        const char* pf = nullptr,
                                                        int64_t pf_bytes = 0) {
   constexpr bool kTwoChains = G <= 2;
-  const int32_t steps = kTwoChains ? 8 : 16;  // row pairs or rows of a full block
-  const int64_t lines_per_step = pf != nullptr ? (pf_bytes / 64 + steps - 1) / steps : 0;
-  int64_t pf_at = 0;
+  SpreadL2Prefetch ahead(pf, pf_bytes, kTwoChains ? 8 : 16);  // row pairs or rows of a block
   __m512 x[G][W], y[kTwoChains ? G : 1][kTwoChains ? W : 1];  // y: the odd rows' chains
   for (int i = 0; i < G; ++i)
     for (int w = 0; w < W; ++w) {
@@ -679,8 +692,7 @@ __attribute__((target("avx512f"))) inline void DecodeV(const T* vg, const float*
   int32_t j = 0;
   if constexpr (kTwoChains) {
     for (; j + 2 <= n; j += 2) {
-      for (int64_t z = 0; z < lines_per_step && pf_at < pf_bytes; ++z, pf_at += 64)
-        _mm_prefetch(pf + pf_at, _MM_HINT_T2);
+      ahead.Step();
       const T* r0 = vg + static_cast<int64_t>(j) * d + t0;
       const T* r1 = r0 + d;
       for (int w = 0; w < W; ++w) {
@@ -693,10 +705,7 @@ __attribute__((target("avx512f"))) inline void DecodeV(const T* vg, const float*
     }
   }
   for (; j < n; ++j) {
-    if constexpr (!kTwoChains) {
-      for (int64_t z = 0; z < lines_per_step && pf_at < pf_bytes; ++z, pf_at += 64)
-        _mm_prefetch(pf + pf_at, _MM_HINT_T2);
-    }
+    if constexpr (!kTwoChains) ahead.Step();
     const T* r0 = vg + static_cast<int64_t>(j) * d + t0;
     for (int w = 0; w < W; ++w) {
       const __m512 v0 = Load16(r0 + 16 * w);
@@ -704,7 +713,7 @@ __attribute__((target("avx512f"))) inline void DecodeV(const T* vg, const float*
         x[i][w] = _mm512_fmadd_ps(_mm512_set1_ps(p[i * 16 + j]), v0, x[i][w]);
     }
   }
-  for (; pf_at < pf_bytes; pf_at += 64) _mm_prefetch(pf + pf_at, _MM_HINT_T2);
+  ahead.Finish();
   for (int i = 0; i < G; ++i)
     for (int w = 0; w < W; ++w) {
       __m512 sum = x[i][w];

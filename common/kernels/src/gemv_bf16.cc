@@ -1,7 +1,5 @@
 #include "gemv_bf16.h"
 
-#include "duet/tensor/dtype.h"
-
 #include <cpuid.h>
 #include <immintrin.h>
 #include <omp.h>
@@ -16,7 +14,8 @@
 namespace duet::kernels {
 
 bool HasAvx512Bf16() {
-  static const bool has = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+  static const bool has =
+      __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
   return has;
 }
 
@@ -25,7 +24,7 @@ bool HasAmxBf16() {
     unsigned a = 0, b = 0, c = 0, d = 0;
     if (__get_cpuid_count(7, 0, &a, &b, &c, &d) == 0) return false;
     if (((d >> 22) & 1) == 0 || ((d >> 24) & 1) == 0) return false;  // AMX-BF16, AMX-TILE
-    if (!HasAvx512Bf16()) return false;  // PackAmxRows converts with it
+    if (!HasAvx512Bf16()) return false;                              // PackAmxRows converts with it
     // Linux hands out the tile registers' state only on request (ARCH_REQ_XCOMP_PERM for
     // XFEATURE_XTILEDATA); process-wide, and granted again if oneDNN already asked.
     constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
@@ -47,8 +46,8 @@ constexpr int64_t kMaxRows = 16;  // rows per call of the chunked kernel (3 row 
 // stream one K-chunk ahead, so DRAM keeps streaming while later row chunks compute from L1.
 template <int R, bool kFirst>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void Chunk(
-    const int32_t* x, int64_t x_stride, const uint16_t* wb, int64_t np, const float* in,
-    float* out, int64_t ld_out, const char* pf, int64_t pf_lines, int64_t lpi) {
+    const int32_t* x, int64_t x_stride, const uint16_t* wb, int64_t np, const float* in, float* out,
+    int64_t ld_out, const char* pf, int64_t pf_lines, int64_t lpi) {
   __m512 acc[R][4];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < 4; ++c)
@@ -77,11 +76,10 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void Chunk(
 
 using ChunkFn = void (*)(const int32_t*, int64_t, const uint16_t*, int64_t, const float*, float*,
                          int64_t, const char*, int64_t, int64_t);
-constexpr ChunkFn kChunks[2][7] = {
-    {nullptr, Chunk<1, false>, Chunk<2, false>, Chunk<3, false>, Chunk<4, false>, Chunk<5, false>,
-     Chunk<6, false>},
-    {nullptr, Chunk<1, true>, Chunk<2, true>, Chunk<3, true>, Chunk<4, true>, Chunk<5, true>,
-     Chunk<6, true>}};
+constexpr ChunkFn kChunks[2][7] = {{nullptr, Chunk<1, false>, Chunk<2, false>, Chunk<3, false>,
+                                    Chunk<4, false>, Chunk<5, false>, Chunk<6, false>},
+                                   {nullptr, Chunk<1, true>, Chunk<2, true>, Chunk<3, true>,
+                                    Chunk<4, true>, Chunk<5, true>, Chunk<6, true>}};
 
 using Clock = std::chrono::steady_clock;
 
@@ -196,8 +194,8 @@ void GemvRange(const uint16_t* x, int64_t m, int64_t kp, const uint16_t* w, int6
   }
   const int64_t pairs = kp / 2;
   const auto* x32 = reinterpret_cast<const int32_t*>(x);
-  alignas(64) float tile[kMaxRows * 64];  // partial sums, [row][64 columns]
-  alignas(64) float last[kMaxRows * 64];  // final sums of a partial N-block (< 64 columns)
+  alignas(64) float tile[kMaxRows * 64];         // partial sums, [row][64 columns]
+  alignas(64) float last[kMaxRows * 64];         // final sums of a partial N-block (< 64 columns)
   const int64_t stream_end = nb1 * block_elems;  // end of this thread's weights (elements)
   for (int64_t nb = nb0; nb < nb1; ++nb) {
     const uint16_t* wb = w + nb * block_elems;
@@ -254,10 +252,10 @@ constexpr int64_t kAmxPrefetchBytes = 8192;
 // bytes); x's rows for the K-block are the A tile, m x 64 consecutive bytes as PackAmxRows lays
 // them out. (Read from rows of kp values, 16 strided lines per tile, the A tiles made M = 16 cost
 // 40 us where M = 1 took 28, on L2-resident 768 x 768 weights; packed, 36.)
-__attribute__((target("amx-tile,amx-bf16"))) void AmxRange(const uint16_t* x, int64_t m,
-                                                          int64_t kp, const uint16_t* w,
-                                                          int64_t n, float* y, int64_t nb0,
-                                                          int64_t nb1, const float* bias) {
+__attribute__((target("amx-tile,amx-bf16"))) void AmxRange(const uint16_t* x, int64_t m, int64_t kp,
+                                                           const uint16_t* w, int64_t n, float* y,
+                                                           int64_t nb0, int64_t nb1,
+                                                           const float* bias) {
   TileConfig cfg;
   const auto rows = static_cast<uint8_t>(m);
   for (int t = 0; t < 5; ++t) {
@@ -313,6 +311,17 @@ __attribute__((target("amx-tile,amx-bf16"))) void AmxRange(const uint16_t* x, in
   _tile_release();  // the thread gives its tile state back (smaller context switches)
 }
 
+// 32 floats (from, masked to `have` <= 32) to bf16 with vcvtne2ps2bf16: round to nearest even,
+// NaN kept quiet, and a denormal input becomes a zero of its sign (the instruction's rule).
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void Pack32(const float* from,
+                                                                          int64_t have,
+                                                                          uint16_t* to) {
+  const uint32_t bits = have >= 32 ? 0xFFFFFFFFu : (1u << have) - 1u;
+  const __m512 lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>(bits & 0xFFFFu), from);
+  const __m512 hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>(bits >> 16), from + 16);
+  _mm512_storeu_si512(to, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+}
+
 }  // namespace
 
 void GemvBf16(const uint16_t* x, int64_t m, int64_t kp, const uint16_t* w, int64_t n, float* y,
@@ -322,23 +331,9 @@ void GemvBf16(const uint16_t* x, int64_t m, int64_t kp, const uint16_t* w, int64
       GemvBf16(x + r0 * kp, std::min(kMaxRows, m - r0), kp, w, n, y + r0 * n, split);
     return;
   }
-  ForEachThreadRange((n + 63) / 64, split, [&](int64_t nb0, int64_t nb1) {
-    GemvRange(x, m, kp, w, n, y, nb0, nb1);
-  });
+  ForEachThreadRange((n + 63) / 64, split,
+                     [&](int64_t nb0, int64_t nb1) { GemvRange(x, m, kp, w, n, y, nb0, nb1); });
 }
-
-namespace {
-// 32 floats (from, masked to `have` <= 32) to bf16 with vcvtne2ps2bf16: round to nearest even,
-// NaN kept quiet, and a denormal input becomes a zero of its sign (the instruction's rule).
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void Pack32(const float* from,
-                                                                         int64_t have,
-                                                                         uint16_t* to) {
-  const uint32_t bits = have >= 32 ? 0xFFFFFFFFu : (1u << have) - 1u;
-  const __m512 lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>(bits & 0xFFFFu), from);
-  const __m512 hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>(bits >> 16), from + 16);
-  _mm512_storeu_si512(to, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
-}
-}  // namespace
 
 void PackAmxRows(const float* x, int64_t m, int64_t k, int64_t kp, uint16_t* out) {
   // One conversion instruction per 32 values: at batch 16 this packing runs on one thread
@@ -355,8 +350,8 @@ void PackAmxRows(const float* x, int64_t m, int64_t k, int64_t kp, uint16_t* out
   }
 }
 
-void GemmAmxBf16(const uint16_t* x, int64_t m, int64_t kp, const uint16_t* w, int64_t n,
-                 float* y, GemvSplit* split, const float* bias) {
+void GemmAmxBf16(const uint16_t* x, int64_t m, int64_t kp, const uint16_t* w, int64_t n, float* y,
+                 GemvSplit* split, const float* bias) {
   if (m > kMaxRows) {  // a tile holds 16 rows; more run as groups of 16
     for (int64_t r0 = 0; r0 < m; r0 += kMaxRows)
       GemmAmxBf16(x + r0 * kp, std::min(kMaxRows, m - r0), kp, w, n, y + r0 * n, split, bias);

@@ -2,9 +2,9 @@
 
 #include <omp.h>
 
-#include <dnnl.hpp>
 #include <algorithm>
 #include <bit>
+#include <dnnl.hpp>
 #include <unordered_map>
 #include <vector>
 
@@ -42,7 +42,7 @@ struct Linear::Impl {
   dnnl::memory weights;             // views weight_storage
   std::vector<float> bias;
   std::vector<float> bias_padded;  // the bias padded to whole 64-column blocks (GemmAmxBf16)
-  std::vector<uint16_t> x_bf16;  // scratch: x rounded to bf16
+  std::vector<uint16_t> x_bf16;    // scratch: x rounded to bf16
   // Small M (decode) runs duet's own kernel on the same packed weights when the layout is
   // BA16a64b2a (AMX tiles where the CPU has them, AVX-512-BF16 dot products otherwise); kp is
   // K padded to the layout's block.
@@ -141,42 +141,41 @@ absl::Status Linear::Forward(const float* x, int64_t m, float* y) {
       GemmAmxBf16(im.x_bf16.data(), m, kp, w, im.n, y, split,
                   im.bias_padded.empty() ? nullptr : im.bias_padded.data());
       return absl::OkStatus();  // the tiles started from the bias, if there is one
-    } else {
-      for (int64_t r = 0; r < m; ++r) {
-        uint16_t* xr = im.x_bf16.data() + r * kp;
-        ConvertF32ToBf16(x + r * im.k, xr, static_cast<size_t>(im.k));
-        std::fill(xr + im.k, xr + kp, uint16_t{0});
-      }
-      GemvBf16(im.x_bf16.data(), m, kp, w, im.n, y, split);
     }
+    for (int64_t r = 0; r < m; ++r) {
+      uint16_t* xr = im.x_bf16.data() + r * kp;
+      ConvertF32ToBf16(x + r * im.k, xr, static_cast<size_t>(im.k));
+      std::fill(xr + im.k, xr + kp, uint16_t{0});
+    }
+    GemvBf16(im.x_bf16.data(), m, kp, w, im.n, y, split);
   } else {
-  try {
-    auto& ctx = Context();
-    dnnl::matmul& prim = im.Get(m);
-    dnnl::memory::desc src_desc({m, im.k}, im.src_type(), tag::ab);
-    dnnl::memory::desc dst_desc({m, im.n}, dt::f32, tag::ab);
-    void* src_ptr = const_cast<float*>(x);
-    if (im.precision == Precision::kBF16) {
-      const size_t count = static_cast<size_t>(m * im.k);
-      if (im.x_bf16.size() < count) im.x_bf16.resize(count);
-      uint16_t* xb = im.x_bf16.data();
-      constexpr size_t kPiece = 16384;  // values per conversion task
-      const int64_t pieces = static_cast<int64_t>((count + kPiece - 1) / kPiece);
+    try {
+      auto& ctx = Context();
+      dnnl::matmul& prim = im.Get(m);
+      dnnl::memory::desc src_desc({m, im.k}, im.src_type(), tag::ab);
+      dnnl::memory::desc dst_desc({m, im.n}, dt::f32, tag::ab);
+      void* src_ptr = const_cast<float*>(x);
+      if (im.precision == Precision::kBF16) {
+        const size_t count = static_cast<size_t>(m * im.k);
+        if (im.x_bf16.size() < count) im.x_bf16.resize(count);
+        uint16_t* xb = im.x_bf16.data();
+        constexpr size_t kPiece = 16384;  // values per conversion task
+        const int64_t pieces = static_cast<int64_t>((count + kPiece - 1) / kPiece);
 #pragma omp parallel for schedule(static) if (pieces > 4)
-      for (int64_t p = 0; p < pieces; ++p) {
-        const size_t at = static_cast<size_t>(p) * kPiece;
-        ConvertF32ToBf16(x + at, xb + at, std::min(kPiece, count - at));
+        for (int64_t p = 0; p < pieces; ++p) {
+          const size_t at = static_cast<size_t>(p) * kPiece;
+          ConvertF32ToBf16(x + at, xb + at, std::min(kPiece, count - at));
+        }
+        src_ptr = xb;
       }
-      src_ptr = xb;
+      dnnl::memory src(src_desc, ctx.engine, src_ptr);
+      dnnl::memory dst(dst_desc, ctx.engine, y);
+      prim.execute(ctx.stream,
+                   {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, im.weights}, {DNNL_ARG_DST, dst}});
+      ctx.stream.wait();
+    } catch (const dnnl::error& e) {
+      return absl::InternalError(absl::StrCat("oneDNN matmul m=", m, ": ", e.what()));
     }
-    dnnl::memory src(src_desc, ctx.engine, src_ptr);
-    dnnl::memory dst(dst_desc, ctx.engine, y);
-    prim.execute(ctx.stream,
-                 {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, im.weights}, {DNNL_ARG_DST, dst}});
-    ctx.stream.wait();
-  } catch (const dnnl::error& e) {
-    return absl::InternalError(absl::StrCat("oneDNN matmul m=", m, ": ", e.what()));
-  }
   }
   if (!im.bias.empty()) {
     const int64_t n = im.n;

@@ -55,18 +55,6 @@ void Transpose(const float* src, int64_t ss, float* dst, int64_t ds, int32_t row
   }
 }
 
-// f32 bits -> bf16 bits (in the low half of each 32-bit lane), round to nearest even, NaN quiet.
-inline __m256i Bf16Bits(__m256 x) {
-  const __m256i u = _mm256_castps_si256(x);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  const __m256i rounded =
-      _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-  const __m256i abs = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
-  const __m256i is_nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7f800000));
-  const __m256i quiet = _mm256_srli_epi32(_mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), 16);
-  return _mm256_blendv_epi8(rounded, quiet, is_nan);
-}
-
 // x / scale rounded half-even and clamped to [-127, 127] (NaN -> -127), as int32 lanes.
 inline __m256i QuantizeLanes(__m256 x, __m256 scale) {
   __m256 q =
@@ -126,15 +114,12 @@ void DecodeRows(const uint8_t* in, int32_t rows, int32_t head_dim, WireType type
 }  // namespace
 
 void F32ToBf16Row(const float* x, uint8_t* y, size_t n) {
-  size_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m256i a = Bf16Bits(_mm256_loadu_ps(x + i));
-    const __m256i b = Bf16Bits(_mm256_loadu_ps(x + i + 8));
-    // packus works per 128-bit lane: a0-3 b0-3 | a4-7 b4-7; put the quads back in order.
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + 2 * i), packed);
+  // Wire rows start at even offsets of heap buffers; the engine's conversion does the rest.
+  if (reinterpret_cast<uintptr_t>(y) % alignof(uint16_t) == 0) {
+    ConvertF32ToBf16(x, reinterpret_cast<uint16_t*>(y), n);
+    return;
   }
-  for (; i < n; ++i) {
+  for (size_t i = 0; i < n; ++i) {
     const uint16_t h = F32ToBf16(x[i]);
     std::memcpy(y + 2 * i, &h, 2);
   }
